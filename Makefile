@@ -14,8 +14,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-run: $(STAMP)
-	$(BIN)/medcourier run --config $(CONFIG)
+# The example config reads the API token from MEDCOURIER_API_TOKEN. When it is not set, `make run`
+# makes one on first use and keeps it in var/api-token (outside git), so the quick start needs no
+# setup; `export MEDCOURIER_API_TOKEN=$$(cat var/api-token)` to use it with curl.
+TOKEN_FILE := var/api-token
+
+$(TOKEN_FILE):
+	mkdir -p var
+	umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32))' > $(TOKEN_FILE)
+
+run: $(STAMP) $(TOKEN_FILE)
+	MEDCOURIER_API_TOKEN="$${MEDCOURIER_API_TOKEN:-$$(cat $(TOKEN_FILE))}" $(BIN)/medcourier run --config $(CONFIG)
 
 test: $(STAMP)
 	$(BIN)/ruff check medcourier tests bench

@@ -1,8 +1,8 @@
 """The error tree of medcourier, readable at a glance.
 
     MedcourierError
-    ├── ConfigError              a config file is wrong: file, key path, reason (refused at start-up)
-    ├── PluginError              a plugin is missing, duplicated or does not honour the hook contract
+    ├── ConfigError              a config file is wrong: file, key path, reason (at start-up)
+    ├── PluginError              a plugin is missing, duplicated or breaks the hook contract
     ├── RenderError              a document cannot be rendered in the route's format (permanent)
     ├── DeliveryError
     │   ├── PermanentDeliveryError   the destination refused the message: retrying will not help

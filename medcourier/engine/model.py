@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     """The five delivery statuses of the Lifen contract (seed 000), used verbatim in FHIR."""
 
     PREPARATION = "preparation"
@@ -67,7 +67,7 @@ class Rendered:
     message_id: str
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     ACCEPTED = "accepted"
     REJECTED = "rejected"
     RETRY = "retry"
@@ -75,7 +75,7 @@ class Outcome(str, enum.Enum):
 
 @dataclass(frozen=True)
 class DeliveryResult:
-    """What a destination said: accepted, rejected for good (with its reason), or try again later."""
+    """What a destination said: accepted, rejected for good (with a reason), or try later."""
 
     outcome: Outcome
     reason: str | None = None

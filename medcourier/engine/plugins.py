@@ -48,7 +48,7 @@ class FormatType:
 
 @dataclass(frozen=True)
 class ConnectorType:
-    """An outbound connector: ``open`` builds a Sender from the route's parsed ``deliver`` options."""
+    """An outbound connector: ``open`` builds a Sender from a route's ``deliver`` options."""
 
     name: str
     options_model: type[BaseModel]
@@ -75,9 +75,7 @@ class Plugins:
         self.connectors: dict[str, ConnectorType] = _index(
             pm.hook.medcourier_connectors(), "connector"
         )
-        self.commands: dict[str, CliCommand] = _index(
-            pm.hook.medcourier_cli_commands(), "command"
-        )
+        self.commands: dict[str, CliCommand] = _index(pm.hook.medcourier_cli_commands(), "command")
 
     @property
     def hook(self) -> Any:

@@ -19,7 +19,10 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Protocol
+
+from medcourier.engine.errors import BrokerError
 
 
 @dataclass(frozen=True)
@@ -71,3 +74,43 @@ def queue_name(instance: str, route: str) -> str:
 
 def exchange_name(instance: str) -> str:
     return f"{instance}.routes"
+
+
+def open_broker(url: str, instance: str, data_dir: Path) -> Broker:
+    """Build the broker a configured URL names (not started yet: call ``start``).
+
+    - ``amqp://…`` / ``amqps://…`` → RabbitMQ (``AmqpBroker``); ``//`` or ``/%2F`` name vhost ``/``.
+    - empty, ``embedded:`` or ``sqlite://`` → the embedded queue at ``data_dir/queue.sqlite``;
+      ``sqlite:///some/file.sqlite`` names the file (a relative path is taken under ``data_dir``,
+      ``sqlite:////abs/file.sqlite`` is absolute).
+
+    Implementations are imported here, lazily, so an engine using one never imports the other's
+    client library.
+    """
+    spec = url.strip()
+    scheme = spec.partition(":")[0].lower() if ":" in spec else spec.lower()
+    if scheme in ("amqp", "amqps"):
+        from medcourier.engine.broker.amqp import AmqpBroker
+
+        return AmqpBroker(spec, instance)
+    if scheme in ("", "embedded", "sqlite"):
+        from medcourier.engine.broker.embedded import EmbeddedBroker
+
+        path = data_dir / "queue.sqlite"
+        if scheme == "sqlite":
+            rest = spec[len("sqlite:") :]
+            if not rest.startswith("//"):
+                raise BrokerError(
+                    f"invalid queue URL {url!r}: write sqlite:///path/to/queue.sqlite"
+                )
+            file = rest[len("//") :]
+            file = file[1:] if file.startswith("/") else file
+            if file:
+                path = Path(file) if Path(file).is_absolute() else data_dir / file
+        elif scheme == "embedded" and spec.partition(":")[2].strip():
+            raise BrokerError(f"invalid queue URL {url!r}: 'embedded:' takes no path")
+        return EmbeddedBroker(path, instance)
+    raise BrokerError(
+        f"unsupported queue URL {url!r}: use amqp://user:pass@host:5672/vhost (RabbitMQ), "
+        "amqps://… (RabbitMQ over TLS), sqlite:///path or embedded: (local SQLite queue)"
+    )

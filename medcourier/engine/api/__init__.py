@@ -1,0 +1,1 @@
+"""The FHIR HTTP API: directory, $send-to-ehr and $tracking."""

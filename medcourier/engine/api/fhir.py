@@ -1,0 +1,110 @@
+"""FHIR JSON answers: resources, OperationOutcome errors, Bundles.
+
+Every error the API gives is an OperationOutcome whose ``diagnostics`` says, in the caller's
+terms, what is wrong. The seed's example spells severity and code in capitals ("ERROR",
+"PROCESSING"); FHIR R4 binds both to lower-case code systems and strict clients (HAPI) reject the
+capitals, so we send the FHIR codes and keep the seed's diagnostics texts word for word.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+FHIR_JSON = "application/fhir+json"
+
+
+class FhirError(Exception):
+    """Raised anywhere in a request handler; answered as an OperationOutcome."""
+
+    def __init__(
+        self,
+        status: int,
+        diagnostics: str,
+        code: str = "processing",
+        expression: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(diagnostics)
+        self.status = status
+        self.diagnostics = diagnostics
+        self.code = code
+        self.expression = expression
+        self.headers = headers
+
+
+def operation_outcome(
+    diagnostics: str, code: str = "processing", expression: str | None = None
+) -> dict[str, Any]:
+    issue: dict[str, Any] = {"severity": "error", "code": code, "diagnostics": diagnostics}
+    if expression:
+        issue["expression"] = [expression]
+    return {"resourceType": "OperationOutcome", "issue": [issue]}
+
+
+def fhir_response(body: dict[str, Any], status: int = 200, **headers: str) -> Response:
+    return JSONResponse(body, status_code=status, media_type=FHIR_JSON, headers=headers or None)
+
+
+async def fhir_error_handler(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, FhirError)
+    return JSONResponse(
+        operation_outcome(exc.diagnostics, exc.code, exc.expression),
+        status_code=exc.status,
+        media_type=FHIR_JSON,
+        headers=exc.headers,
+    )
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """Read the body within ``limit`` bytes and parse it as JSON, or answer 413 / 400.
+
+    The body is read in chunks and the read stops at the limit, so a client cannot make the
+    engine buffer more than ``limit`` bytes by lying about (or omitting) Content-Length.
+    """
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise FhirError(
+            413, f"The request body is larger than the limit of {limit} bytes", code="too-costly"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise FhirError(
+                413,
+                f"The request body is larger than the limit of {limit} bytes",
+                code="too-costly",
+            )
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body:
+        raise FhirError(
+            400, "The request body is empty: a FHIR JSON resource is expected", code="structure"
+        )
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FhirError(
+            400, f"The request body is not valid JSON: {exc}", code="structure"
+        ) from exc
+
+
+def searchset(resources: list[dict[str, Any]], base_url: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(resources),
+        "entry": [
+            {
+                "fullUrl": f"{base_url}/fhir/{r['resourceType']}/{r['id']}",
+                "resource": r,
+                "search": {"mode": "match"},
+            }
+            for r in resources
+        ],
+    }

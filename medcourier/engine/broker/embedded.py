@@ -1,0 +1,384 @@
+"""The embedded default broker: kombu's SQLAlchemy transport on a SQLite file.
+
+For a single machine this needs no server: an item is durable once the SQLite commit of its insert
+returns. kombu objects are not thread-safe, so each thread owns its kombu connection: one
+publishing thread (async ``publish`` waits for it through ``run_in_executor``) and one consuming
+thread per route, which polls its queue and runs the handler on the event loop with
+``asyncio.run_coroutine_threadsafe``.
+
+Behaviours of kombu's SQLAlchemy transport (kombu 5.7) this module works around:
+
+- **A fetched message is only marked invisible.** ``get`` flips the row's ``visible`` flag in the
+  database and keeps the message in the consumer's memory until it is acknowledged; acknowledging
+  never touches the database again. If the process dies while a handler runs, that queue copy is
+  gone for good (the row stays invisible). The engine recovers at start-up by re-enqueuing every
+  non-final transaction from its store (``purge`` then republish), which is why ``purge`` exists.
+  Acknowledged rows also stay in the table forever; each consumer therefore deletes its queue's
+  invisible rows every ``compact_every`` acknowledgements (and at start).
+- **A requeued message goes to the tail.** ``requeue()``/``reject(requeue=True)`` insert a new row
+  behind every waiting item, which would break per-route FIFO. So a failed item is never requeued:
+  the consumer thread keeps it and runs the handler again after ``requeue_delay`` until it
+  succeeds or the broker closes. On close, kombu restores an item still held that way at the tail
+  of its queue; start-up recovery (above) restores the order.
+- **``polling_interval`` cannot go through ``transport_options``**: this transport passes its
+  options on to ``sqlalchemy.create_engine``, which rejects unknown keywords. Consumers poll on
+  their own (``Queue.get`` then a short wait), so the interval is simply this class's argument.
+- **SQLAlchemy 2.1 deprecates the ``noload`` strategy** used by kombu's models; the warning is
+  silenced (that message only) while kombu's mappers are configured, once per process.
+
+The SQLite file is switched to WAL journaling so that polling consumers and the publisher do not
+block each other; commits stay fully synchronous (durable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import sqlite3
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, cast
+
+import structlog
+from kombu.connection import Connection
+from kombu.entity import Queue
+from kombu.messaging import Producer
+from sqlalchemy.exc import SADeprecationWarning
+
+from medcourier.engine.broker import Handler, WorkItem, queue_name
+from medcourier.engine.errors import BrokerError
+
+log = structlog.get_logger(__name__)
+
+# kombu is untyped: reach it through ``Any`` so strict type checking stays on for our code.
+_Connection = cast(Any, Connection)
+_Queue = cast(Any, Queue)
+_Producer = cast(Any, Producer)
+
+_models_lock = threading.Lock()
+_models_configured = False
+
+#: SQLite busy timeout: writers (publisher, polling consumers) take turns on the file lock.
+_BUSY_TIMEOUT = 30.0
+
+
+def _configure_kombu_models(url: str) -> None:
+    """Build and configure kombu's SQLAlchemy models once, silencing only kombu's known warning.
+
+    Done eagerly on the calling thread so the deprecation warning cannot surface (or be turned into
+    an error by a strict warnings filter) in a worker thread later.
+    """
+    global _models_configured
+    with _models_lock:
+        if _models_configured:
+            return
+        from kombu.transport.sqlalchemy import models
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore",
+                message=r"The ``noload`` loader strategy is deprecated",
+                category=SADeprecationWarning,
+            )
+            with _Connection(url) as connection:
+                channel = connection.channel()
+                _ = channel.queue_cls, channel.message_cls  # declares the mapped classes
+                models.ModelBase.registry.configure()
+        _models_configured = True
+
+
+def _enable_wal(path: Path) -> None:
+    """Switch the queue file to WAL journaling (a persistent property of the file)."""
+    with contextlib.closing(sqlite3.connect(path, timeout=_BUSY_TIMEOUT)) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+
+
+def _close_channel_session(channel: Any) -> None:
+    """Return the channel's pooled SQLite connection explicitly.
+
+    kombu never closes its SQLAlchemy session; left to the garbage collector, a session still
+    inside a transaction makes SQLAlchemy warn about a non-checked-in connection.
+    """
+    session = getattr(channel, "_session", None)
+    if session is not None:
+        session.close()
+
+
+class EmbeddedBroker:
+    """The ``Broker`` protocol on a local SQLite file, through kombu (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: Path | str,
+        instance: str,
+        polling_interval: float = 0.05,
+        *,
+        requeue_delay: float = 0.5,
+        compact_every: int = 1000,
+        close_timeout: float = 30.0,
+    ) -> None:
+        self._path = Path(path).expanduser().absolute()
+        self._url = f"sqla+sqlite:///{self._path}"
+        self._instance = instance
+        self._polling_interval = polling_interval
+        self._requeue_delay = requeue_delay
+        self._compact_every = compact_every
+        self._close_timeout = close_timeout
+        self._transport_options: dict[str, Any] = {
+            "connect_args": {"timeout": _BUSY_TIMEOUT},
+            # One pooled connection per thread may be checked out at once: no pool ceiling.
+            "pool_size": 0,
+        }
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._stop = threading.Event()
+        self._threads: dict[str, threading.Thread] = {}
+        self._closed = False
+        # Owned by the publisher thread only.
+        self._pub_connection: Any = None
+        self._pub_channel: Any = None
+        self._producer: Any = None
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def _connection(self) -> Any:
+        return _Connection(self._url, transport_options=self._transport_options)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, routes: list[str]) -> None:
+        """Create the file if needed, declare the routes' queues, open the publishing thread."""
+        if self._executor is not None or self._closed:
+            raise BrokerError("EmbeddedBroker.start() called twice or after close()")
+        self._loop = asyncio.get_running_loop()
+        _configure_kombu_models(self._url)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="medcourier-queue-publish"
+        )
+        try:
+            await self._in_publisher(self._open_publisher, list(dict.fromkeys(routes)))
+        except BaseException:
+            await self.close()
+            raise
+        log.info("broker.connected", path=str(self._path), instance=self._instance)
+
+    def _open_publisher(self, routes: list[str]) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        _enable_wal(self._path)
+        self._pub_connection = self._connection()
+        self._pub_channel = self._pub_connection.channel()
+        self._producer = _Producer(self._pub_channel, auto_declare=False)
+        for route in routes:
+            queue = queue_name(self._instance, route)
+            self._pub_channel.queue_declare(queue=queue, durable=True)
+            self._compact(queue)
+
+    async def close(self) -> None:
+        """Stop and join the consumer threads, then close the publishing thread's connection.
+
+        A handler running when close() is called is given ``close_timeout`` to finish (its item is
+        then acknowledged); a thread still busy after that is left behind (it is a daemon thread).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        for route, thread in list(self._threads.items()):
+            await asyncio.to_thread(thread.join, self._close_timeout)
+            if thread.is_alive():
+                log.warning("broker.consumer_still_running", route=route)
+        self._threads.clear()
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.get_running_loop().run_in_executor(executor, self._close_publisher)
+            executor.shutdown(wait=True)
+        log.info("broker.closed", path=str(self._path), instance=self._instance)
+
+    def _close_publisher(self) -> None:
+        connection, channel = self._pub_connection, self._pub_channel
+        self._pub_connection = self._pub_channel = self._producer = None
+        if connection is not None:
+            connection.release()
+        if channel is not None:
+            _close_channel_session(channel)
+
+    async def _in_publisher(self, function: Any, *args: Any) -> Any:
+        executor = self._executor
+        if executor is None or self._closed:
+            raise BrokerError("the embedded broker is not started (or already closed)")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(executor, function, *args)
+        except BrokerError:
+            raise
+        except Exception as exc:
+            raise BrokerError(f"embedded queue {self._path}: {type(exc).__name__}: {exc}") from exc
+
+    # ------------------------------------------------------------------ publishing
+
+    async def publish(self, item: WorkItem) -> None:
+        """Insert the item into its route's queue; returns once the SQLite commit returned."""
+        await self._in_publisher(self._publish, item)
+
+    def _publish(self, item: WorkItem) -> None:
+        queue = queue_name(self._instance, item.route)
+        self._producer.publish(
+            item.to_bytes(),
+            exchange="",
+            routing_key=queue,
+            content_type="application/json",
+            content_encoding="utf-8",
+            delivery_mode=2,
+            message_id=item.transaction_id,
+            retry=False,
+        )
+
+    async def purge(self, route: str) -> int:
+        """Delete every item of the route's queue; returns how many were waiting."""
+        count = await self._in_publisher(self._purge, queue_name(self._instance, route))
+        return int(count or 0)
+
+    def _purge(self, queue: str) -> int:
+        return int(self._pub_channel.queue_purge(queue) or 0)
+
+    # ------------------------------------------------------------------ consuming
+
+    async def consume(self, route: str, handler: Handler) -> None:
+        """Start the route's consumer thread; returns once it has its connection and queue."""
+        loop = self._loop
+        if loop is None or self._closed:
+            raise BrokerError("EmbeddedBroker.consume() needs a started, open broker")
+        if route in self._threads:
+            raise BrokerError(f"route {route!r} already has a consumer")
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        thread = threading.Thread(
+            target=self._consume_loop,
+            args=(route, handler, loop, ready),
+            name=f"medcourier-queue-{route}",
+            daemon=True,
+        )
+        self._threads[route] = thread
+        thread.start()
+        try:
+            await asyncio.wrap_future(ready)
+        except Exception as exc:
+            self._threads.pop(route, None)
+            await asyncio.to_thread(thread.join)
+            raise BrokerError(f"cannot consume route {route!r}: {exc}") from exc
+
+    def _consume_loop(
+        self,
+        route: str,
+        handler: Handler,
+        loop: asyncio.AbstractEventLoop,
+        ready: concurrent.futures.Future[None],
+    ) -> None:
+        """Body of a route's consumer thread: poll, hand over to the loop, ack.
+
+        Runs until close(): one item in flight, FIFO; a failed item is retried in place (see the
+        module docstring for why it is not requeued).
+        """
+        queue_label = queue_name(self._instance, route)
+        try:
+            connection = self._connection()
+            channel = connection.channel()
+            queue = _Queue(queue_label, routing_key=queue_label, durable=True)(channel)
+            queue.declare()
+        except Exception as exc:
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        acked = 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    message = queue.get(no_ack=False)
+                except Exception as exc:  # e.g. a locked database beyond the busy timeout
+                    log.warning("broker.poll_failed", route=route, error=type(exc).__name__)
+                    self._stop.wait(max(self._polling_interval, 0.5))
+                    continue
+                if message is None:
+                    self._stop.wait(self._polling_interval)
+                    continue
+                if self._deliver(route, handler, loop, message):
+                    acked += 1
+                    if acked % self._compact_every == 0:
+                        self._compact(queue_label)
+        finally:
+            # Unacknowledged (held) items are restored by kombu here, at the tail of the queue.
+            connection.release()
+            _close_channel_session(channel)
+
+    def _deliver(
+        self, route: str, handler: Handler, loop: asyncio.AbstractEventLoop, message: Any
+    ) -> bool:
+        """Run the handler until it succeeds, then ack; False if the broker stopped first."""
+        try:
+            item = WorkItem.from_bytes(message.body)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error(
+                "broker.malformed_item_dropped",
+                route=route,
+                size=len(message.body or b""),
+                error=type(exc).__name__,
+            )
+            message.ack()
+            return True
+        while True:
+            try:
+                outcome = self._run_handler(handler, item, loop)
+            except Exception as exc:
+                log.warning(
+                    "broker.handler_failed",
+                    route=route,
+                    transaction_id=item.transaction_id,
+                    error=type(exc).__name__,
+                )
+                if self._stop.wait(self._requeue_delay):
+                    return False
+                continue
+            if not outcome:
+                return False
+            message.ack()
+            return True
+
+    def _run_handler(
+        self, handler: Handler, item: WorkItem, loop: asyncio.AbstractEventLoop
+    ) -> bool:
+        """Run ``handler(item)`` on the event loop and wait; False if the loop went away."""
+
+        async def call() -> None:
+            await handler(item)
+
+        try:
+            future = asyncio.run_coroutine_threadsafe(call(), loop)
+        except RuntimeError:  # the loop is closed
+            return False
+        while True:
+            done, _ = concurrent.futures.wait([future], timeout=0.5)
+            if done:
+                break
+            if loop.is_closed() or not loop.is_running():
+                future.cancel()
+                return False
+        try:
+            future.result()  # re-raises the handler's exception
+        except concurrent.futures.CancelledError:
+            return False
+        return True
+
+    def _compact(self, queue: str) -> None:
+        """Delete the queue's invisible rows (acknowledged or in flight, never read again)."""
+        try:
+            with contextlib.closing(sqlite3.connect(self._path, timeout=_BUSY_TIMEOUT)) as db, db:
+                db.execute(
+                    "DELETE FROM kombu_message WHERE visible = 0 AND queue_id IN"
+                    " (SELECT id FROM kombu_queue WHERE name = ?)",
+                    (queue,),
+                )
+        except sqlite3.Error as exc:
+            log.warning("broker.compact_failed", queue=queue, error=type(exc).__name__)

@@ -1,0 +1,86 @@
+"""The ``medcourier`` command line: run, check, and the sub-commands plugins add."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import signal
+import sys
+from collections.abc import Sequence
+
+from medcourier import __version__
+from medcourier.engine import logging as mclog
+from medcourier.engine.config import load_config
+from medcourier.engine.errors import ConfigError, PluginError
+from medcourier.engine.plugins import Plugins, load_plugins
+
+
+def _parser(plugins: Plugins) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medcourier", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"medcourier {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the engine with a config file")
+    run.add_argument("--config", "-c", required=True, help="YAML configuration file")
+    check = sub.add_parser("check", help="validate a config file and exit (non-zero if invalid)")
+    check.add_argument("config", help="YAML configuration file")
+    for command in plugins.commands.values():
+        command.add_arguments(sub.add_parser(command.name, help=command.help))
+    return parser
+
+
+async def _run(config_path: str, plugins: Plugins) -> int:
+    from medcourier.engine.service import Engine
+
+    config = load_config(config_path, plugins)
+    mclog.configure(config.settings.log_level)
+    engine = Engine(config, plugins)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await engine.start()
+    print(
+        f"medcourier {__version__}: FHIR API on {engine.base_url}/fhir, "
+        f"{len(config.routes)} route(s), data in {config.settings.data_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    await stop.wait()
+    await engine.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        plugins = load_plugins()
+    except PluginError as exc:
+        print(f"medcourier: plugin error: {exc}", file=sys.stderr)
+        return 2
+    args = _parser(plugins).parse_args(argv)
+    try:
+        if args.command == "check":
+            config = load_config(args.config, plugins)
+            print(f"{args.config}: OK ({len(config.routes)} route(s))")
+            return 0
+        if args.command == "run":
+            return asyncio.run(_run(args.config, plugins))
+        mclog.configure("info")
+        result = plugins.commands[args.command].run(args)
+        if inspect.isawaitable(result):
+            return int(asyncio.run(_awaited(result)))
+        return int(result)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _awaited(result: object) -> int:
+    assert inspect.isawaitable(result)
+    return int(await result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Loading and checking the YAML configuration.
+
+A misconfigured engine must be refused at start-up, with the file, the key path
+(``routes[2].deliver.port``) and the reason, never at the first message. So loading runs in three
+passes: YAML parsing, ``${VAR}`` / ``${VAR:-default}`` interpolation of every string value (secrets
+stay in the environment, never in the file), then pydantic models for the core keys and each
+plugin's own options model for ``format_options`` and ``deliver``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medcourier.engine.errors import ConfigError
+from medcourier.engine.plugins import Plugins
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+ROUTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HttpSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    public_url: str | None = Field(
+        None, description="Base URL put in tracking-url; defaults to http://host:port"
+    )
+    max_body_bytes: int = Field(
+        70 * 1024 * 1024, gt=0, description="Largest request body read before answering 413"
+    )
+
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
+class TokenSettings(_Strict):
+    name: str
+    token: str = Field(min_length=16, description="Read it from the environment: ${VAR}")
+    scopes: list[str]
+
+
+class LimitSettings(_Strict):
+    max_document_bytes: int = Field(
+        50 * 1024 * 1024, gt=0, description="Largest decoded document accepted by $send-to-ehr"
+    )
+
+
+class RetrySettings(_Strict):
+    """A simple bounded retry for transient delivery failures (the route is held meanwhile)."""
+
+    max_attempts: int = Field(10, ge=1)
+    initial_delay: float = Field(1.0, gt=0)
+    max_delay: float = Field(60.0, gt=0)
+    multiplier: float = Field(2.0, ge=1)
+
+    def delay(self, attempt: int) -> float:
+        """Wait before the attempt after ``attempt`` (1-based)."""
+        return float(min(self.max_delay, self.initial_delay * self.multiplier ** (attempt - 1)))
+
+
+class MatchSettings(_Strict):
+    organizations: list[str] = Field(
+        default_factory=list,
+        description="Organization references (Organization/<id>) owning the patient or encounter",
+    )
+    fallback: bool = Field(False, description="Also take documents no other route matches")
+
+    @field_validator("organizations")
+    @classmethod
+    def _references(cls, value: list[str]) -> list[str]:
+        for ref in value:
+            if not re.fullmatch(r"Organization/[A-Za-z0-9\-.]{1,64}", ref):
+                raise ValueError(f"{ref!r} is not an Organization/<id> reference")
+        return value
+
+
+class RouteSettings(_Strict):
+    name: str
+    match: MatchSettings
+    format: str
+    format_options: dict[str, Any] = Field(default_factory=dict)
+    deliver: dict[str, Any]
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    validate_options: dict[str, Any] = Field(default_factory=dict, alias="validate")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not ROUTE_NAME.fullmatch(value):
+            raise ValueError("use letters, digits, '.', '_' or '-' (at most 63 characters)")
+        return value
+
+
+class Settings(_Strict):
+    instance: str = Field("medcourier", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    data_dir: Path = Path("./var")
+    broker: str | None = Field(None, description="amqp://… for RabbitMQ; empty for embedded")
+    store: str | None = Field(None, description="postgresql://… ; empty for SQLite in data_dir")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    tokens: list[TokenSettings] = Field(default_factory=list)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    routes: list[RouteSettings] = Field(default_factory=list)
+
+    @field_validator("broker", "store")
+    @classmethod
+    def _empty_is_default(cls, value: str | None) -> str | None:
+        """``${MEDCOURIER_BROKER_URL:-}`` interpolates to '' when unset: that means the default."""
+        return value or None
+
+
+class Route:
+    """A route with its plugin options parsed: what the router and workers use."""
+
+    def __init__(self, settings: RouteSettings, format_options: Any, deliver_options: Any) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.format_options = format_options
+        self.deliver_options = deliver_options
+
+
+class Config:
+    """A checked configuration: core settings plus routes whose plugin options were validated."""
+
+    def __init__(self, settings: Settings, routes: list[Route], source: str) -> None:
+        self.settings = settings
+        self.routes = routes
+        self.source = source
+
+
+def interpolate(value: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of a parsed YAML tree."""
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            found = env.get(name)
+            if found not in (None, ""):
+                return str(found)
+            if default is not None:
+                return default
+            problems.append(f"{path or '<root>'}: environment variable {name} is not set")
+            return ""
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {
+            k: interpolate(v, env, f"{path}.{k}" if path else str(k), problems)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [interpolate(v, env, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    return value
+
+
+def _loc(prefix: str, loc: tuple[int | str, ...]) -> str:
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<root>"
+
+
+def _errors(exc: ValidationError, prefix: str = "") -> list[str]:
+    return [f"{_loc(prefix, tuple(e['loc']))}: {e['msg']}" for e in exc.errors()]
+
+
+def parse_config(
+    text: str, plugins: Plugins, source: str = "<config>", env: Mapping[str, str] | None = None
+) -> Config:
+    """Parse and check a YAML config; raise ConfigError listing every problem found."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], source) from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(["<root>: the file must be a mapping of settings"], source)
+    problems: list[str] = []
+    raw = interpolate(raw, os.environ if env is None else env, "", problems)
+    if problems:
+        raise ConfigError(problems, source)
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_errors(exc), source) from exc
+
+    routes: list[Route] = []
+    seen: set[str] = set()
+    for i, rs in enumerate(settings.routes):
+        where = f"routes[{i}]"
+        if rs.name in seen:
+            problems.append(f"{where}.name: duplicate route name {rs.name!r}")
+        seen.add(rs.name)
+        fmt = plugins.formats.get(rs.format)
+        format_options: Any = None
+        if fmt is None:
+            known = ", ".join(sorted(plugins.formats)) or "none"
+            problems.append(f"{where}.format: unknown format {rs.format!r} (known: {known})")
+        else:
+            try:
+                format_options = fmt.options_model.model_validate(rs.format_options)
+            except ValidationError as exc:
+                problems.extend(_errors(exc, f"{where}.format_options"))
+        deliver_options: Any = None
+        connector_name = rs.deliver.get("connector")
+        connector = plugins.connectors.get(str(connector_name))
+        if connector is None:
+            known = ", ".join(sorted(plugins.connectors)) or "none"
+            problems.append(
+                f"{where}.deliver.connector: unknown connector {connector_name!r} (known: {known})"
+            )
+        else:
+            try:
+                deliver_options = connector.options_model.model_validate(rs.deliver)
+            except ValidationError as exc:
+                problems.extend(_errors(exc, f"{where}.deliver"))
+        if not rs.match.organizations and not rs.match.fallback:
+            problems.append(f"{where}.match: give organizations, or fallback: true")
+        routes.append(Route(rs, format_options, deliver_options))
+    if sum(1 for r in settings.routes if r.match.fallback) > 1:
+        problems.append("routes: at most one route may have match.fallback: true")
+    if problems:
+        raise ConfigError(problems, source)
+    return Config(settings, routes, source)
+
+
+def load_config(path: str | Path, plugins: Plugins, env: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` and parse it (see ``parse_config``)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file: {exc.strerror}"], str(p)) from exc
+    return parse_config(text, plugins, str(p), env)

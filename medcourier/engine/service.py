@@ -1,0 +1,192 @@
+"""The running engine: store, broker, router, per-route workers and the HTTP server, wired.
+
+Accept durably, then answer: ``submit`` commits the document and its deliveries, then awaits the
+broker's confirm for each route's work item; only then does the caller (HTTP) answer. On start,
+the embedded broker's queues are rebuilt from the store (the store is the source of truth).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy.exc
+import structlog
+import uvicorn
+
+from medcourier.engine.broker import Broker, WorkItem, open_broker
+from medcourier.engine.config import Config
+from medcourier.engine.errors import BrokerError
+from medcourier.engine.model import Status
+from medcourier.engine.plugins import Plugins
+from medcourier.engine.router import Router
+from medcourier.engine.store import AsyncStore, Store, now
+from medcourier.engine.txid import new_transaction_id
+from medcourier.engine.worker import RouteWorker
+
+log = structlog.get_logger("medcourier.engine")
+
+
+class NoRouteError(Exception):
+    """No route matches the document and there is no fallback route."""
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    patient_id: str
+    encounter_id: str | None
+    content_type: str
+    document_type: str
+    title: str | None
+    sender_identifier: str | None
+    sender_application: str
+    payload: bytes
+
+
+class Engine:
+    def __init__(self, config: Config, plugins: Plugins) -> None:
+        self.config = config
+        self.plugins = plugins
+        s = config.settings
+        self.data_dir = s.data_dir
+        self.store = AsyncStore(Store(s.store, s.data_dir))
+        self.broker: Broker = open_broker(s.broker or "", s.instance, s.data_dir)
+        # RabbitMQ hands unacknowledged items back after a crash; the embedded queue does not.
+        self.embedded = not (s.broker or "").startswith(("amqp://", "amqps://"))
+        self.router = Router(config.routes)
+        self.workers: dict[str, RouteWorker] = {}
+        self.base_url = s.http.base_url()
+        self._server: uvicorn.Server | None = None
+        self._server_task: asyncio.Task[None] | None = None
+
+    def tracking_url(self, txid: str) -> str:
+        return f"{self.base_url}/fhir/CommunicationRequest/$tracking?transaction-id={txid}"
+
+    async def start(self, *, http: bool = True) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.store.run(self.store.sync.create_schema)
+        names = [r.name for r in self.config.routes]
+        await self.broker.start(names)
+        if self.embedded:
+            await self._rebuild_queues()
+        for route in self.config.routes:
+            worker = RouteWorker(route, self.plugins, self.store)
+            self.workers[route.name] = worker
+            await self.broker.consume(route.name, worker.handle)
+        if http:
+            await self._start_http()
+        log.info(
+            "engine started",
+            routes=names,
+            instance=self.config.settings.instance,
+            broker="embedded" if self.embedded else "amqp",
+            store="sqlite" if self.store.sync.is_sqlite else "postgresql",
+        )
+
+    async def _rebuild_queues(self) -> None:
+        """Embedded queues lose the item being handled at a crash: refill them from the store."""
+        for name in (r.name for r in self.config.routes):
+            await self.broker.purge(name)
+        routes = {r.name for r in self.config.routes}
+        pending = await self.store.run(self.store.sync.unfinished)
+        for txid, route in pending:
+            if route in routes:
+                await self.broker.publish(WorkItem(txid, route))
+        if pending:
+            log.info("work recovered from the store", count=len(pending))
+
+    async def _start_http(self) -> None:
+        from medcourier.engine.api.app import create_app
+
+        http = self.config.settings.http
+        cfg = uvicorn.Config(
+            create_app(self),
+            host=http.host,
+            port=http.port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_keep_alive=30,
+        )
+        self._server = uvicorn.Server(cfg)
+        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._server_task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            if self._server_task.done():
+                self._server_task.result()
+                raise RuntimeError("the HTTP server stopped while starting")
+            await asyncio.sleep(0.02)
+
+    @property
+    def http_port(self) -> int:
+        """The bound port (useful with port 0)."""
+        assert self._server is not None
+        return int(self._server.servers[0].sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None and self._server_task is not None:
+            self._server.should_exit = True
+            await self._server_task
+        await self.broker.close()
+        for worker in self.workers.values():
+            await worker.aclose()
+        await asyncio.to_thread(self.store.close)
+        log.info("engine stopped")
+
+    async def submit(self, req: SubmitRequest, default_title: Callable[[str], str]) -> str:
+        """Store a document, queue one work item per matching route, return its transaction id."""
+        orgs = await self.store.run(
+            self.store.sync.organizations_of, req.patient_id, req.encounter_id
+        )
+        routes = self.router.match(orgs)
+        if not routes:
+            raise NoRouteError(
+                "No route delivers documents for this patient or encounter: the hospital "
+                "(managingOrganization / serviceProvider) has no route and there is no fallback"
+            )
+        created: datetime = now()
+        txid = ""
+        for _ in range(5):
+            txid = new_transaction_id()
+            try:
+                await self.store.run(
+                    self.store.sync.accept_document,
+                    transaction_id=txid,
+                    created_at=created,
+                    content_type=req.content_type,
+                    document_type=req.document_type,
+                    title=req.title or default_title(txid),
+                    sender_identifier=req.sender_identifier,
+                    sender_application=req.sender_application,
+                    patient_id=req.patient_id,
+                    encounter_id=req.encounter_id,
+                    payload=req.payload,
+                    routes=[r.name for r in routes],
+                )
+                break
+            except sqlalchemy.exc.IntegrityError:
+                if await self.store.run(self.store.sync.transaction_exists, txid):
+                    continue
+                raise
+        for r in routes:
+            # told before publishing: once queued, a worker may move it on at once
+            self.plugins.hook.medcourier_status_changed(
+                transaction_id=txid, route=r.name, old=None, new=Status.PREPARATION, reason=None
+            )
+        try:
+            await asyncio.gather(*(self.broker.publish(WorkItem(txid, r.name)) for r in routes))
+        except BrokerError as exc:
+            for r in routes:
+                await self.store.run(
+                    self.store.sync.set_status,
+                    txid,
+                    r.name,
+                    Status.ENTERED_IN_ERROR,
+                    f"not queued: {exc}",
+                )
+            raise
+        for r in routes:
+            log.info("accepted", transaction_id=txid, route=r.name, status="preparation")
+        return txid

@@ -1,0 +1,508 @@
+"""The store: the source of truth for documents, their payloads, deliveries and status history.
+
+One SQLAlchemy Core schema runs on SQLite (WAL, the embedded default, a file under the data
+directory) and PostgreSQL (production). Core rather than the ORM: rows are written once per
+message on the hot path and the ORM's unit of work buys nothing there.
+
+Everything here is synchronous; ``AsyncStore`` runs it on a small thread pool so the event loop
+(HTTP, MLLP) never waits on disk. SQLite gets a single thread (one writer at a time is all it
+allows); PostgreSQL several.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from medcourier.engine.model import Document, Status
+
+metadata = sa.MetaData()
+
+patients = sa.Table(
+    "patients",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("organization", sa.String(200), index=True),
+    sa.Column("resource", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+patient_identifiers = sa.Table(
+    "patient_identifiers",
+    metadata,
+    sa.Column("patient_id", sa.String(64), sa.ForeignKey("patients.id"), nullable=False),
+    sa.Column("system", sa.String(400), nullable=False),
+    sa.Column("value", sa.String(400), nullable=False),
+    sa.Index("ix_patient_identifiers_value", "value", "system"),
+    sa.Index("ix_patient_identifiers_patient", "patient_id"),
+)
+
+encounters = sa.Table(
+    "encounters",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("patient_id", sa.String(64), index=True),
+    sa.Column("organization", sa.String(200), index=True),
+    sa.Column("resource", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+documents = sa.Table(
+    "documents",
+    metadata,
+    sa.Column("transaction_id", sa.String(20), primary_key=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("content_type", sa.String(100), nullable=False),
+    sa.Column("document_type", sa.String(40), nullable=False),
+    sa.Column("title", sa.Text, nullable=False),
+    sa.Column("sender_identifier", sa.String(40)),
+    sa.Column("sender_application", sa.String(200), nullable=False),
+    sa.Column("patient_id", sa.String(64), nullable=False, index=True),
+    sa.Column("encounter_id", sa.String(64)),
+    sa.Column("payload_size", sa.BigInteger, nullable=False),
+)
+
+# Payloads apart from metadata: they are pruned sooner and are never read by tracking.
+payloads = sa.Table(
+    "payloads",
+    metadata,
+    sa.Column("transaction_id", sa.String(20), primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("transaction_id", sa.String(20), primary_key=True),
+    sa.Column("route", sa.String(63), primary_key=True),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("status_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("sent_at", sa.DateTime(timezone=True)),
+    sa.Column("reason", sa.Text),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Index("ix_deliveries_status", "status"),
+)
+
+status_events = sa.Table(
+    "status_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("transaction_id", sa.String(20), nullable=False, index=True),
+    sa.Column("route", sa.String(63), nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("reason", sa.Text),
+)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything we write is UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def normalize_url(url: str | None, data_dir: Path) -> str:
+    """Map the config's store URL to an SQLAlchemy URL (psycopg 3 for PostgreSQL)."""
+    if not url:
+        return f"sqlite:///{(data_dir / 'medcourier.sqlite').resolve()}"
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    transaction_id: str
+    route: str
+    status: Status
+    status_at: datetime
+    sent_at: datetime | None
+    reason: str | None
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker learns when it takes a delivery: the status it found, and the document."""
+
+    previous: Status
+    document: Document | None
+
+
+class Store:
+    """Synchronous access to the schema; see ``AsyncStore`` for use from the event loop."""
+
+    def __init__(self, url: str | None, data_dir: Path) -> None:
+        self.url = normalize_url(url, data_dir)
+        self.is_sqlite = self.url.startswith("sqlite")
+        kwargs: dict[str, Any] = {}
+        if self.is_sqlite:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        else:
+            kwargs["pool_size"] = 8
+            kwargs["pool_pre_ping"] = True
+        self.engine: Engine = sa.create_engine(self.url, **kwargs)
+        if self.is_sqlite:
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+
+    def create_schema(self) -> None:
+        metadata.create_all(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- directory -------------------------------------------------------------------------
+    def put_patient(self, resource: dict[str, Any], organization: str | None) -> dict[str, Any]:
+        resource = _stamp(resource)
+        with self.engine.begin() as c:
+            c.execute(
+                patients.insert().values(
+                    id=resource["id"],
+                    organization=organization,
+                    resource=json.dumps(resource),
+                    updated_at=now(),
+                )
+            )
+            rows = [
+                {"patient_id": resource["id"], "system": s, "value": v}
+                for s, v in _identifiers(resource)
+            ]
+            if rows:
+                c.execute(patient_identifiers.insert(), rows)
+        return resource
+
+    def get_patient(self, patient_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as c:
+            return _resource(c, patients, patient_id)
+
+    def search_patients(self, system: str | None, value: str | None) -> list[dict[str, Any]]:
+        """FHIR token search: ``system|value``, ``|value`` (no system), ``value``, ``system|``."""
+        q = sa.select(patients.c.resource).distinct()
+        q = q.join(patient_identifiers, patient_identifiers.c.patient_id == patients.c.id)
+        if value:
+            q = q.where(patient_identifiers.c.value == value)
+        if system is not None:
+            q = q.where(patient_identifiers.c.system == system)
+        with self.engine.connect() as c:
+            return [json.loads(r[0]) for r in c.execute(q.order_by(patients.c.resource))]
+
+    def put_encounter(
+        self, resource: dict[str, Any], patient_id: str, organization: str | None
+    ) -> dict[str, Any]:
+        resource = _stamp(resource)
+        with self.engine.begin() as c:
+            c.execute(
+                encounters.insert().values(
+                    id=resource["id"],
+                    patient_id=patient_id,
+                    organization=organization,
+                    resource=json.dumps(resource),
+                    updated_at=now(),
+                )
+            )
+        return resource
+
+    def get_encounter(self, encounter_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as c:
+            return _resource(c, encounters, encounter_id)
+
+    def search_encounters(self, patient_id: str) -> list[dict[str, Any]]:
+        q = sa.select(encounters.c.resource).where(encounters.c.patient_id == patient_id)
+        with self.engine.connect() as c:
+            return [json.loads(r[0]) for r in c.execute(q.order_by(encounters.c.updated_at))]
+
+    def organizations_of(self, patient_id: str, encounter_id: str | None) -> set[str]:
+        """The organizations a document belongs to, for route matching."""
+        with self.engine.connect() as c:
+            found = set(
+                c.execute(
+                    sa.select(patients.c.organization).where(patients.c.id == patient_id)
+                ).scalars()
+            )
+            if encounter_id:
+                found |= set(
+                    c.execute(
+                        sa.select(encounters.c.organization).where(encounters.c.id == encounter_id)
+                    ).scalars()
+                )
+        return {o for o in found if o}
+
+    # -- documents -------------------------------------------------------------------------
+    def accept_document(
+        self,
+        *,
+        transaction_id: str,
+        created_at: datetime,
+        content_type: str,
+        document_type: str,
+        title: str,
+        sender_identifier: str | None,
+        sender_application: str,
+        patient_id: str,
+        encounter_id: str | None,
+        payload: bytes,
+        routes: Iterable[str],
+    ) -> None:
+        """Commit a document, its payload and one delivery per route (preparation) at once."""
+        at = now()
+        route_list = list(routes)
+        with self.engine.begin() as c:
+            c.execute(
+                documents.insert().values(
+                    transaction_id=transaction_id,
+                    created_at=created_at,
+                    content_type=content_type,
+                    document_type=document_type,
+                    title=title,
+                    sender_identifier=sender_identifier,
+                    sender_application=sender_application,
+                    patient_id=patient_id,
+                    encounter_id=encounter_id,
+                    payload_size=len(payload),
+                )
+            )
+            c.execute(payloads.insert().values(transaction_id=transaction_id, data=payload))
+            c.execute(
+                deliveries.insert(),
+                [
+                    {
+                        "transaction_id": transaction_id,
+                        "route": r,
+                        "status": Status.PREPARATION.value,
+                        "status_at": at,
+                        "attempts": 0,
+                    }
+                    for r in route_list
+                ],
+            )
+            c.execute(
+                status_events.insert(),
+                [
+                    {
+                        "transaction_id": transaction_id,
+                        "route": r,
+                        "status": Status.PREPARATION.value,
+                        "at": at,
+                        "reason": "accepted",
+                    }
+                    for r in route_list
+                ],
+            )
+
+    def transaction_exists(self, transaction_id: str) -> bool:
+        with self.engine.connect() as c:
+            q = sa.select(documents.c.transaction_id).where(
+                documents.c.transaction_id == transaction_id
+            )
+            return c.execute(q).first() is not None
+
+    def claim(self, transaction_id: str, route: str) -> Claim | None:
+        """Take a delivery for work: in-progress (with the attempt counted) unless it is final.
+
+        Returns None when the delivery does not exist; ``Claim.document`` is None when the
+        delivery is already final (a redelivered queue item), so the caller just acknowledges it.
+        """
+        with self.engine.begin() as c:
+            row = c.execute(
+                sa.select(deliveries.c.status).where(
+                    deliveries.c.transaction_id == transaction_id, deliveries.c.route == route
+                )
+            ).first()
+            if row is None:
+                return None
+            previous = Status(row[0])
+            if previous.is_final:
+                return Claim(previous, None)
+            at = now()
+            c.execute(
+                deliveries.update()
+                .where(deliveries.c.transaction_id == transaction_id, deliveries.c.route == route)
+                .values(
+                    status=Status.IN_PROGRESS.value,
+                    status_at=at,
+                    attempts=deliveries.c.attempts + 1,
+                )
+            )
+            if previous != Status.IN_PROGRESS:
+                c.execute(
+                    status_events.insert().values(
+                        transaction_id=transaction_id,
+                        route=route,
+                        status=Status.IN_PROGRESS.value,
+                        at=at,
+                        reason=None,
+                    )
+                )
+            return Claim(previous, self._document(c, transaction_id))
+
+    def _document(self, c: Connection, transaction_id: str) -> Document:
+        doc = c.execute(
+            sa.select(documents).where(documents.c.transaction_id == transaction_id)
+        ).one()
+        payload = c.execute(
+            sa.select(payloads.c.data).where(payloads.c.transaction_id == transaction_id)
+        ).scalar_one()
+        patient = _resource(c, patients, doc.patient_id) or {
+            "resourceType": "Patient",
+            "id": doc.patient_id,
+        }
+        encounter = _resource(c, encounters, doc.encounter_id) if doc.encounter_id else None
+        created = _aware(doc.created_at)
+        assert created is not None
+        return Document(
+            transaction_id=doc.transaction_id,
+            created_at=created,
+            content_type=doc.content_type,
+            document_type=doc.document_type,
+            title=doc.title,
+            payload=bytes(payload),
+            patient=patient,
+            encounter=encounter,
+            sender_identifier=doc.sender_identifier,
+            sender_application=doc.sender_application,
+        )
+
+    def set_status(
+        self,
+        transaction_id: str,
+        route: str,
+        status: Status,
+        reason: str | None = None,
+        sent_at: datetime | None = None,
+    ) -> Status | None:
+        """Record a status change with its reason in the history; returns the previous status."""
+        at = now()
+        with self.engine.begin() as c:
+            old = c.execute(
+                sa.select(deliveries.c.status).where(
+                    deliveries.c.transaction_id == transaction_id, deliveries.c.route == route
+                )
+            ).scalar()
+            values: dict[str, Any] = {"status": status.value, "status_at": at, "reason": reason}
+            if sent_at is not None:
+                values["sent_at"] = sent_at
+            c.execute(
+                deliveries.update()
+                .where(deliveries.c.transaction_id == transaction_id, deliveries.c.route == route)
+                .values(**values)
+            )
+            c.execute(
+                status_events.insert().values(
+                    transaction_id=transaction_id,
+                    route=route,
+                    status=status.value,
+                    at=at,
+                    reason=reason,
+                )
+            )
+        return Status(old) if old else None
+
+    def deliveries_of(self, transaction_id: str) -> list[DeliveryRow]:
+        q = (
+            sa.select(deliveries)
+            .where(deliveries.c.transaction_id == transaction_id)
+            .order_by(deliveries.c.route)
+        )
+        with self.engine.connect() as c:
+            return [_delivery(r) for r in c.execute(q)]
+
+    def history(self, transaction_id: str) -> list[tuple[str, Status, datetime, str | None]]:
+        q = (
+            sa.select(status_events)
+            .where(status_events.c.transaction_id == transaction_id)
+            .order_by(status_events.c.id)
+        )
+        with self.engine.connect() as c:
+            return [
+                (r.route, Status(r.status), _aware(r.at) or now(), r.reason) for r in c.execute(q)
+            ]
+
+    def unfinished(self) -> list[tuple[str, str]]:
+        """Deliveries not in a final state, oldest first: what start-up recovery re-enqueues."""
+        q = (
+            sa.select(deliveries.c.transaction_id, deliveries.c.route)
+            .join(documents, documents.c.transaction_id == deliveries.c.transaction_id)
+            .where(deliveries.c.status.in_([Status.PREPARATION.value, Status.IN_PROGRESS.value]))
+            .order_by(documents.c.created_at, documents.c.transaction_id)
+        )
+        with self.engine.connect() as c:
+            return [(r[0], r[1]) for r in c.execute(q)]
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _stamp(resource: dict[str, Any]) -> dict[str, Any]:
+    out = dict(resource)
+    out["id"] = uuid.uuid4().hex
+    out["meta"] = {"versionId": "1", "lastUpdated": now().isoformat(timespec="milliseconds")}
+    return out
+
+
+def _identifiers(resource: dict[str, Any]) -> list[tuple[str, str]]:
+    found = []
+    for ident in resource.get("identifier") or []:
+        value = ident.get("value")
+        if isinstance(value, str) and value:
+            found.append((str(ident.get("system") or ""), value))
+    return found
+
+
+def _resource(c: Connection, table: sa.Table, rid: str) -> dict[str, Any] | None:
+    row = c.execute(sa.select(table.c.resource).where(table.c.id == rid)).first()
+    return json.loads(row[0]) if row else None
+
+
+def _delivery(r: Any) -> DeliveryRow:
+    return DeliveryRow(
+        transaction_id=r.transaction_id,
+        route=r.route,
+        status=Status(r.status),
+        status_at=_aware(r.status_at) or now(),
+        sent_at=_aware(r.sent_at),
+        reason=r.reason,
+        attempts=r.attempts,
+    )
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class AsyncStore:
+    """Runs ``Store`` calls on a thread pool sized for the database."""
+
+    def __init__(self, store: Store) -> None:
+        self.sync = store
+        workers = 1 if store.is_sqlite else 8
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store")
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.sync.dispose()

@@ -1,0 +1,144 @@
+"""The per-route worker: take a delivery, render it, send it, record what the destination said.
+
+One worker per route, fed one queue item at a time (FIFO per destination, as HL7 interfaces
+expect). Transient failures are retried in place with backoff while the item stays unacknowledged,
+so the route is held and the order kept; a crash meanwhile hands the item back to the queue. The
+full policy (delay queues, dead letters, parallel routes) is the reliability issue's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+
+from medcourier.engine.broker import WorkItem
+from medcourier.engine.config import Route
+from medcourier.engine.errors import RenderError
+from medcourier.engine.model import Document, Outcome, Status
+from medcourier.engine.plugins import FormatType, Plugins, Sender
+from medcourier.engine.store import AsyncStore, now
+
+log = structlog.get_logger("medcourier.worker")
+
+
+class RouteWorker:
+    def __init__(self, route: Route, plugins: Plugins, store: AsyncStore) -> None:
+        self.route = route
+        self.plugins = plugins
+        self.store = store
+        self.format: FormatType = plugins.formats[route.settings.format]
+        connector = plugins.connectors[str(route.settings.deliver["connector"])]
+        self.sender: Sender = connector.open(route.deliver_options)
+        self.duplicates = 0
+
+    async def aclose(self) -> None:
+        await self.sender.aclose()
+
+    async def set_status(
+        self, item: WorkItem, status: Status, reason: str | None = None, **kw: Any
+    ) -> None:
+        old = await self.store.run(
+            self.store.sync.set_status, item.transaction_id, item.route, status, reason, **kw
+        )
+        self._changed(item.transaction_id, old, status, reason)
+
+    def _changed(self, txid: str, old: Status | None, new: Status, reason: str | None) -> None:
+        log.info(
+            "status",
+            transaction_id=txid,
+            route=self.route.name,
+            status=new.value,
+            previous=old.value if old else None,
+        )
+        self.plugins.hook.medcourier_status_changed(
+            transaction_id=txid, route=self.route.name, old=old, new=new, reason=reason
+        )
+
+    async def handle(self, item: WorkItem) -> None:
+        """Deliver one queue item; returning acknowledges it, raising puts it back."""
+        claim = await self.store.run(self.store.sync.claim, item.transaction_id, item.route)
+        if claim is None:
+            log.warning(
+                "unknown delivery dropped", transaction_id=item.transaction_id, route=item.route
+            )
+            return
+        if claim.document is None:
+            self.duplicates += 1
+            log.info(
+                "already final, duplicate dropped",
+                transaction_id=item.transaction_id,
+                route=item.route,
+                status=claim.previous.value,
+            )
+            return
+        if claim.previous == Status.IN_PROGRESS:
+            log.warning(
+                "redelivered after an interruption",
+                transaction_id=item.transaction_id,
+                route=item.route,
+            )
+        else:
+            self._changed(item.transaction_id, claim.previous, Status.IN_PROGRESS, None)
+        await self._process(item, claim.document)
+
+    async def _process(self, item: WorkItem, document: Document) -> None:
+        problems = self._validate(document)
+        if problems:
+            await self.set_status(item, Status.ENTERED_IN_ERROR, "; ".join(problems))
+            return
+        try:
+            # Rendering a large document base64-encodes megabytes: keep it off the event loop.
+            rendered = await asyncio.to_thread(
+                self.format.render, document, self.route.format_options
+            )
+        except RenderError as exc:
+            await self.set_status(item, Status.ENTERED_IN_ERROR, f"render failed: {exc}")
+            return
+        retry = self.route.settings.retry
+        attempt = 1
+        while True:
+            result = await self.sender.deliver(rendered)
+            if result.outcome is Outcome.ACCEPTED:
+                await self.set_status(
+                    item, Status.COMPLETED, result.reason or "delivered", sent_at=now()
+                )
+                return
+            if result.outcome is Outcome.REJECTED:
+                await self.set_status(item, Status.ENTERED_IN_ERROR, result.reason)
+                return
+            if attempt >= retry.max_attempts:
+                await self.set_status(
+                    item,
+                    Status.ENTERED_IN_ERROR,
+                    f"gave up after {attempt} attempts: {result.reason}",
+                )
+                return
+            delay = retry.delay(attempt)
+            await self.set_status(
+                item,
+                Status.IN_PROGRESS,
+                f"attempt {attempt} failed: {result.reason}; next in {delay:g}s",
+            )
+            log.warning(
+                "delivery will be retried",
+                transaction_id=item.transaction_id,
+                route=item.route,
+                attempt=attempt,
+                delay=delay,
+            )
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    def _validate(self, document: Document) -> list[str]:
+        issues = []
+        if self.format.validate is not None:
+            issues.extend(self.format.validate(document, self.route.format_options))
+        for found in self.plugins.hook.medcourier_validate(
+            document=document,
+            route=self.route.name,
+            options=self.route.settings.validate_options,
+        ):
+            issues.extend(found or [])
+        return [i.message for i in issues if i.severity in ("error", "fatal")]

@@ -1,0 +1,126 @@
+"""Real RabbitMQ and PostgreSQL for the test suite, never mocks and never skips.
+
+Order of preference, per service:
+
+1. something already listening on 127.0.0.1 (development machines and CI run both services);
+2. a container started with testcontainers when a Docker engine answers, kept for the whole test
+   session (module-level cache) and stopped at interpreter exit;
+3. otherwise the test fails with instructions: a suite that silently skips its integration tests
+   would report green while testing nothing.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import socket
+import subprocess
+import threading
+from typing import Any
+
+import pytest
+
+RABBITMQ_LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672//"
+# Trust authentication as the ``postgres`` superuser on its default database (checked with
+# ``psql -h 127.0.0.1 -U postgres -c 'select 1'``).
+POSTGRES_LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+_lock = threading.Lock()
+_cache: dict[str, str] = {}
+_containers: list[Any] = []
+
+
+def _listening(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _docker_usable() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        result = subprocess.run(["docker", "info"], capture_output=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0
+
+
+def _stop_containers() -> None:
+    while _containers:
+        container = _containers.pop()
+        try:
+            container.stop()
+        except Exception as exc:  # interpreter exit: report, do not raise
+            print(f"tests.services: could not stop {container!r}: {exc}")
+
+
+def _keep(container: Any) -> None:
+    if not _containers:
+        atexit.register(_stop_containers)
+    _containers.append(container)
+
+
+def _start_rabbitmq() -> str:
+    from testcontainers.community.rabbitmq import RabbitMqContainer
+
+    container = RabbitMqContainer("rabbitmq:3.13-alpine")
+    container.start()
+    _keep(container)
+    host = container.get_container_host_ip()
+    port = container.get_exposed_port(container.port)
+    return f"amqp://{container.username}:{container.password}@{host}:{port}//"
+
+
+def _start_postgres() -> str:
+    from testcontainers.community.postgres import PostgresContainer
+
+    container = PostgresContainer("postgres:16-alpine", driver=None)
+    container.start()
+    _keep(container)
+    return str(container.get_connection_url())
+
+
+def _service(name: str, port: int, local_url: str, start: Any, how_to_start: str) -> str:
+    with _lock:
+        if name in _cache:
+            return _cache[name]
+        if _listening(port):
+            url = local_url
+        elif _docker_usable():
+            url = start()
+        else:
+            pytest.fail(
+                f"{name} is not reachable on 127.0.0.1:{port} and no Docker engine is available "
+                f"to start one: {how_to_start}",
+                pytrace=False,
+            )
+        _cache[name] = url
+        return url
+
+
+def rabbitmq_url() -> str:
+    """An ``amqp://`` URL of a running RabbitMQ (guest/guest, vhost ``/``)."""
+    return _service(
+        "RabbitMQ",
+        5672,
+        RABBITMQ_LOCAL_URL,
+        _start_rabbitmq,
+        "start RabbitMQ (rabbitmq-server -detached, or your service manager) with the guest "
+        "user allowed from localhost, or start Docker so testcontainers can run one.",
+    )
+
+
+def postgres_url() -> str:
+    """A ``postgresql://`` URL (no driver suffix) of a running PostgreSQL."""
+    return _service(
+        "PostgreSQL",
+        5432,
+        POSTGRES_LOCAL_URL,
+        _start_postgres,
+        "start PostgreSQL with trust authentication for user postgres on 127.0.0.1 "
+        "(pg_ctlcluster … start, or your service manager), or start Docker so testcontainers "
+        "can run one.",
+    )

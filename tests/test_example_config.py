@@ -1,0 +1,110 @@
+"""`config/example.yaml` runs as it is: real `medcourier run` and `medcourier simulate-ehr`
+processes, the README's curl path done with httpx, then a clean shutdown."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+from tests.harness import eventually, free_port, pdf_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+MEDCOURIER = [sys.executable, "-m", "medcourier.engine.cli"]
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"medcourier exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer within {timeout}s")
+
+
+def test_example_config_delivers_to_the_simulated_ehr(tmp_path: Path) -> None:
+    http_port, ehr_port = free_port(), free_port()
+    token = uuid.uuid4().hex + uuid.uuid4().hex
+    env = {
+        **os.environ,
+        "MEDCOURIER_API_TOKEN": token,
+        "MEDCOURIER_HTTP_PORT": str(http_port),
+        "MEDCOURIER_DATA_DIR": str(tmp_path / "var"),
+        "MEDCOURIER_INSTANCE": f"mctest-{uuid.uuid4().hex[:8]}",
+        "DEMO_EHR_MLLP": f"127.0.0.1:{ehr_port}",
+    }
+    env.pop("MEDCOURIER_BROKER_URL", None)
+    env.pop("MEDCOURIER_STORE_URL", None)
+    out = tmp_path / "ehr"
+    engine_log = tmp_path / "engine.log"
+    with (tmp_path / "ehr.log").open("wb") as ehr_out, engine_log.open("wb") as engine_out:
+        ehr = subprocess.Popen([*MEDCOURIER, "simulate-ehr", "--port", str(ehr_port), "--out",
+                                str(out)], env=env, stdout=ehr_out, stderr=subprocess.STDOUT)
+        engine = subprocess.Popen(
+            [*MEDCOURIER, "run", "--config", str(ROOT / "config/example.yaml")],
+            env=env, cwd=tmp_path, stdout=engine_out, stderr=subprocess.STDOUT,
+        )
+        _exercise(engine, ehr, http_port, token, out)
+    logs = engine_log.read_text()
+    # no patient data in the engine's logs
+    assert "Lefèvre" not in logs and "2001-09-11" not in logs and "IPP-7" not in logs
+    assert '"status": "completed"' in logs
+
+
+def _exercise(
+    engine: subprocess.Popen[bytes], ehr: subprocess.Popen[bytes], http_port: int, token: str,
+    out: Path,
+) -> None:
+    try:
+        base = f"http://127.0.0.1:{http_port}"
+        _wait_http(f"{base}/health", engine)
+        auth = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=base, headers=auth, timeout=30) as c:
+            patient = c.post("/fhir/Patient", json={
+                "resourceType": "Patient",
+                "identifier": [{"system": "urn:oid:1.2.250.1.999.1", "value": "IPP-7"}],
+                "name": [{"family": "Lefèvre", "given": ["Éloïse"]}],
+                "birthDate": "2001-09-11", "gender": "female",
+                "managingOrganization": {"reference": "Organization/demo-hl7"},
+            }).json()
+            enc = c.post("/fhir/Encounter", json={
+                "resourceType": "Encounter", "status": "in-progress", "class": {"code": "AMB"},
+                "subject": {"reference": f"Patient/{patient['id']}"},
+                "serviceProvider": {"reference": "Organization/demo-hl7"},
+            }).json()
+            payload = pdf_bytes(4096)
+            r = c.post("/fhir/CommunicationRequest/$send-to-ehr", json={
+                "resourceType": "Parameters", "parameter": [
+                    {"name": "subject", "valueReference": {"reference": f"Patient/{patient['id']}"}},
+                    {"name": "context", "valueReference": {"reference": f"Encounter/{enc['id']}"}},
+                    {"name": "payload", "valueString": base64.b64encode(payload).decode()},
+                ]})
+            assert r.status_code == 200, r.text
+            tracking_url = r.json()["parameter"][0]["valueString"]
+            assert tracking_url.startswith(base)
+
+            def completed() -> bool:
+                bundle = c.get(tracking_url).json()
+                return bool(bundle["entry"][0]["resource"]["status"] == "completed")
+
+            eventually(completed, 20, "completed status")
+        files = list(out.glob("*.hl7"))
+        assert len(files) == 1
+        assert "Lefèvre".encode() in files[0].read_bytes()
+    finally:
+        engine.send_signal(signal.SIGTERM)
+        ehr.send_signal(signal.SIGTERM)
+        assert engine.wait(20) == 0
+        ehr.wait(20)
