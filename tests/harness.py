@@ -140,9 +140,13 @@ class Running:
         assert r.status_code == 201, r.text
         return str(r.json()["id"])
 
-    def send(self, patient_id: str, encounter_id: str | None, payload: bytes, **params: Any) -> httpx.Response:
-        return self.post("/fhir/CommunicationRequest/$send-to-ehr", send_parameters(
-            patient_id, encounter_id, payload, **params))
+    def send(
+        self, patient_id: str, encounter_id: str | None, payload: bytes, **params: Any
+    ) -> httpx.Response:
+        return self.post(
+            "/fhir/CommunicationRequest/$send-to-ehr",
+            send_parameters(patient_id, encounter_id, payload, **params),
+        )
 
     def tracking(self, txid: str) -> dict[str, Any]:
         r = self.http.get("/fhir/CommunicationRequest/$tracking", params={"transaction-id": txid})
@@ -176,9 +180,13 @@ def send_parameters(
     """The seed's Parameters body; ``params`` maps parameter names (with '_' for '-') to values."""
     parameter: list[dict[str, Any]] = []
     if patient_id is not None:
-        parameter.append({"name": "subject", "valueReference": {"reference": f"Patient/{patient_id}"}})
+        parameter.append(
+            {"name": "subject", "valueReference": {"reference": f"Patient/{patient_id}"}}
+        )
     if encounter_id is not None:
-        parameter.append({"name": "context", "valueReference": {"reference": f"Encounter/{encounter_id}"}})
+        parameter.append(
+            {"name": "context", "valueReference": {"reference": f"Encounter/{encounter_id}"}}
+        )
     kinds = {"content-type": "valueCode", "document-type": "valueCode"}
     for key, value in params.items():
         name = key.replace("_", "-")

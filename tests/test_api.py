@@ -17,7 +17,14 @@ from fhir.resources.R4B.encounter import Encounter
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.patient import Patient
 
-from tests.harness import LIMITED_TOKEN, LoopThread, Running, pdf_bytes, running_engine, send_parameters
+from tests.harness import (
+    LIMITED_TOKEN,
+    LoopThread,
+    Running,
+    pdf_bytes,
+    running_engine,
+    send_parameters,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + bytes(40)
 JPEG = b"\xff\xd8\xff\xe0" + bytes(60)
@@ -76,8 +83,12 @@ def test_no_token_is_401(eng: Running, method: str, path: str, scope: str) -> No
 
 @pytest.mark.parametrize(("method", "path", "scope"), ENDPOINTS)
 def test_unknown_token_is_401(eng: Running, method: str, path: str, scope: str) -> None:
-    r = httpx.request(method, eng.base + path, json={},
-                      headers={"Authorization": "Bearer not-a-known-token-at-all"})
+    r = httpx.request(
+        method,
+        eng.base + path,
+        json={},
+        headers={"Authorization": "Bearer not-a-known-token-at-all"},
+    )
     assert "not valid" in _outcome(r, 401)
 
 
@@ -85,14 +96,17 @@ def test_unknown_token_is_401(eng: Running, method: str, path: str, scope: str) 
 def test_missing_scope_is_403(eng: Running, method: str, path: str, scope: str) -> None:
     if scope == "PATIENT_READ":
         return  # the limited token has exactly this scope: checked in the next test
-    r = httpx.request(method, eng.base + path, json={},
-                      headers={"Authorization": f"Bearer {LIMITED_TOKEN}"})
+    r = httpx.request(
+        method, eng.base + path, json={}, headers={"Authorization": f"Bearer {LIMITED_TOKEN}"}
+    )
     assert scope in _outcome(r, 403)
 
 
 def test_limited_token_reads_patients(eng: Running, people: dict[str, str]) -> None:
-    r = httpx.get(f"{eng.base}/fhir/Patient/{people['patient']}",
-                  headers={"Authorization": f"Bearer {LIMITED_TOKEN}"})
+    r = httpx.get(
+        f"{eng.base}/fhir/Patient/{people['patient']}",
+        headers={"Authorization": f"Bearer {LIMITED_TOKEN}"},
+    )
     assert r.status_code == 200
 
 
@@ -114,8 +128,9 @@ def test_patient_round_trip_and_search(eng: Running, people: dict[str, str]) -> 
 def test_encounter_round_trip_and_search(eng: Running, people: dict[str, str]) -> None:
     r = eng.http.get(f"/fhir/Encounter/{people['encounter']}")
     Encounter.model_validate(r.json())
-    bundle = eng.http.get("/fhir/Encounter",
-                          params={"subject": f"Patient/{people['patient']}"}).json()
+    bundle = eng.http.get(
+        "/fhir/Encounter", params={"subject": f"Patient/{people['patient']}"}
+    ).json()
     Bundle.model_validate(bundle)
     assert [e["resource"]["id"] for e in bundle["entry"]] == [people["encounter"]]
 
@@ -127,12 +142,20 @@ def test_unknown_patient_is_404(eng: Running) -> None:
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
-        ({"resourceType": "Patient", "birthDate": "1990-13-01", "name": [{"family": "X"}]},
-         "Patient.birthDate"),
+        (
+            {"resourceType": "Patient", "birthDate": "1990-13-01", "name": [{"family": "X"}]},
+            "Patient.birthDate",
+        ),
         ({"resourceType": "Patient", "gender": "f", "name": [{"family": "X"}]}, "Patient.gender"),
         ({"resourceType": "Observation"}, "Patient resource"),
-        ({"resourceType": "Patient", "name": [{"family": "X"}],
-          "managingOrganization": {"reference": "Hospital/1"}}, "managingOrganization"),
+        (
+            {
+                "resourceType": "Patient",
+                "name": [{"family": "X"}],
+                "managingOrganization": {"reference": "Hospital/1"},
+            },
+            "managingOrganization",
+        ),
     ],
 )
 def test_bad_patient_is_400(eng: Running, body: dict[str, Any], expected: str) -> None:
@@ -140,18 +163,26 @@ def test_bad_patient_is_400(eng: Running, body: dict[str, Any], expected: str) -
 
 
 def test_encounter_of_unknown_patient_is_422(eng: Running) -> None:
-    body = {"resourceType": "Encounter", "status": "planned", "class": {"code": "AMB"},
-            "subject": {"reference": "Patient/ghost"}}
+    body = {
+        "resourceType": "Encounter",
+        "status": "planned",
+        "class": {"code": "AMB"},
+        "subject": {"reference": "Patient/ghost"},
+    }
     assert _outcome(eng.post("/fhir/Encounter", body), 422) == (
-        "Resource contains reference to Patient/ghost but this resource is not valid")
+        "Resource contains reference to Patient/ghost but this resource is not valid"
+    )
 
 
 # -- $send-to-ehr refusals --------------------------------------------------------------------
 def _refused(eng: Running, body: Any, status: int, **kw: Any) -> str:
     before_docs, before_ehr = eng.document_count(), len(eng.ehr.received)
     if isinstance(body, (bytes, str)):
-        r = eng.http.post("/fhir/CommunicationRequest/$send-to-ehr", content=body,
-                          headers={"Content-Type": "application/fhir+json"})
+        r = eng.http.post(
+            "/fhir/CommunicationRequest/$send-to-ehr",
+            content=body,
+            headers={"Content-Type": "application/fhir+json"},
+        )
     else:
         r = eng.post("/fhir/CommunicationRequest/$send-to-ehr", body)
     diagnostics = _outcome(r, status)
@@ -178,8 +209,9 @@ def test_unknown_encounter_reference_is_the_seed_422(eng: Running, people: dict[
 
 
 def test_encounter_of_another_patient_is_422(eng: Running, people: dict[str, str]) -> None:
-    d = _refused(eng, send_parameters(people["patient"], people["other_encounter"],
-                                      pdf_bytes(100)), 422)
+    d = _refused(
+        eng, send_parameters(people["patient"], people["other_encounter"], pdf_bytes(100)), 422
+    )
     assert "does not belong" in d
 
 
@@ -187,20 +219,40 @@ def test_encounter_of_another_patient_is_422(eng: Running, people: dict[str, str
     ("build", "status", "expected"),
     [
         (lambda p: send_parameters(p, None, None), 400, "'payload' is required"),
-        (lambda p: {**send_parameters(p, None, None), "parameter": [
-            {"name": "subject", "valueReference": {"reference": f"Patient/{p}"}},
-            {"name": "payload", "valueString": "not base64!!"}]}, 400, "not valid base64"),
-        (lambda p: send_parameters(p, None, pdf_bytes(100), content_type="application/zip"),
-         422, "'application/zip' is not supported"),
-        (lambda p: send_parameters(p, None, PNG), 422, "does not match content-type application/pdf"),
-        (lambda p: send_parameters(p, None, pdf_bytes(100), content_type="image/png"),
-         422, "it looks like application/pdf"),
+        (
+            lambda p: {
+                **send_parameters(p, None, None),
+                "parameter": [
+                    {"name": "subject", "valueReference": {"reference": f"Patient/{p}"}},
+                    {"name": "payload", "valueString": "not base64!!"},
+                ],
+            },
+            400,
+            "not valid base64",
+        ),
+        (
+            lambda p: send_parameters(p, None, pdf_bytes(100), content_type="application/zip"),
+            422,
+            "'application/zip' is not supported",
+        ),
+        (
+            lambda p: send_parameters(p, None, PNG),
+            422,
+            "does not match content-type application/pdf",
+        ),
+        (
+            lambda p: send_parameters(p, None, pdf_bytes(100), content_type="image/png"),
+            422,
+            "it looks like application/pdf",
+        ),
         (lambda p: send_parameters(p, None, JPEG, content_type="image/png"), 422, "image/jpeg"),
-        (lambda p: send_parameters(p, None, pdf_bytes(100), sender_identifier="1234"),
-         422, "RPPS"),
-        (lambda p: send_parameters(p, None, pdf_bytes(100), document_type="11488-5"),
-         422, "LOINC"),
-        (lambda p: send_parameters(p, None, pdf_bytes(100), colour="blue"), 400, "unknown parameter"),
+        (lambda p: send_parameters(p, None, pdf_bytes(100), sender_identifier="1234"), 422, "RPPS"),
+        (lambda p: send_parameters(p, None, pdf_bytes(100), document_type="11488-5"), 422, "LOINC"),
+        (
+            lambda p: send_parameters(p, None, pdf_bytes(100), colour="blue"),
+            400,
+            "unknown parameter",
+        ),
         (lambda p: send_parameters(p, None, pdf_bytes(100 * 1024)), 413, "limit"),
         (lambda p: {"resourceType": "Patient"}, 400, "Parameters"),
     ],
@@ -222,8 +274,11 @@ def test_oversized_body_is_413_without_reading_it_all(eng: Running) -> None:
 # -- accepted variants ------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("content_type", "payload", "obx_type"),
-    [("image/png", PNG, "IM^PNG"), ("image/jpeg", JPEG, "IM^JPEG"),
-     ("application/txt", "Compte rendu: RAS, état stable.\n".encode(), "TEXT^PLAIN")],
+    [
+        ("image/png", PNG, "IM^PNG"),
+        ("image/jpeg", JPEG, "IM^JPEG"),
+        ("application/txt", "Compte rendu: RAS, état stable.\n".encode(), "TEXT^PLAIN"),
+    ],
 )
 def test_other_content_types_are_delivered(
     eng: Running, people: dict[str, str], content_type: str, payload: bytes, obx_type: str
@@ -252,10 +307,15 @@ def test_defaults_of_the_seed(eng: Running, people: dict[str, str]) -> None:
 
 
 def test_the_seed_example_sender_is_accepted(eng: Running, people: dict[str, str]) -> None:
-    body = send_parameters(people["patient"], people["encounter"], pdf_bytes(200),
-                           content_type="application/pdf", document_type="11488-4",
-                           document_title="Consentement à l'intervention",
-                           sender_identifier="12345678910")
+    body = send_parameters(
+        people["patient"],
+        people["encounter"],
+        pdf_bytes(200),
+        content_type="application/pdf",
+        document_type="11488-4",
+        document_title="Consentement à l'intervention",
+        sender_identifier="12345678910",
+    )
     r = eng.post("/fhir/CommunicationRequest/$send-to-ehr", body)
     assert r.status_code == 200, r.text
     assert base64.b64decode(body["parameter"][-1]["valueString"]).startswith(b"%PDF")

@@ -31,7 +31,10 @@ def _check(path: Path, env: dict[str, str] | None = None) -> subprocess.Complete
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "medcourier.engine.cli", "check", str(path)],
-        capture_output=True, text=True, env=full_env, timeout=60,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=60,
     )
 
 
@@ -40,7 +43,9 @@ def test_interpolation_with_defaults_and_environment() -> None:
     cfg = parse_config(ROUTE, plugins, "t.yaml", env={"TOKEN": "x" * 20})
     assert cfg.settings.tokens[0].token == "x" * 20
     assert (cfg.routes[0].deliver_options.host, cfg.routes[0].deliver_options.port) == (
-        "127.0.0.1", 6661)
+        "127.0.0.1",
+        6661,
+    )
     cfg = parse_config(ROUTE, plugins, "t.yaml", env={"TOKEN": "y" * 20, "EHR": "10.1.2.3:2575"})
     assert cfg.routes[0].deliver_options.port == 2575
 
@@ -75,7 +80,7 @@ def test_check_names_file_path_and_reason(tmp_path: Path, mutation: str, expecte
         "sending_application: X": "colour: blue",
         "organizations: [Organization/b]": "organizations: [Hospital/b]",
     }[mutation]
-    second = f"""
+    second = """
   - name: r2
     match:
       organizations: [Organization/b]
@@ -96,7 +101,9 @@ def test_check_names_file_path_and_reason(tmp_path: Path, mutation: str, expecte
 
 
 def test_duplicate_route_and_two_fallbacks(tmp_path: Path) -> None:
-    text = ROUTE + """
+    text = (
+        ROUTE
+        + """
   - name: r1
     match: {fallback: true}
     format: hl7v2-oru
@@ -106,6 +113,7 @@ def test_duplicate_route_and_two_fallbacks(tmp_path: Path) -> None:
     format: hl7v2-oru
     deliver: {connector: mllp, host: h, port: 1}
 """
+    )
     with pytest.raises(ConfigError) as err:
         parse_config(text, load_plugins(), "t.yaml", env={"TOKEN": "x" * 20})
     assert "routes[1].name: duplicate route name 'r1'" in str(err.value)

@@ -76,24 +76,39 @@ def _field(message: str, segment: str, index: int) -> str:
 
 def test_document_reaches_the_ehr_as_a_valid_oru(eng: Running) -> None:
     pid = eng.patient(
-        identifier=[{"system": "urn:oid:1.2.250.1.999.1", "value": "IPP-42",
-                     "assigner": {"display": "HOSPA"}}],
+        identifier=[
+            {
+                "system": "urn:oid:1.2.250.1.999.1",
+                "value": "IPP-42",
+                "assigner": {"display": "HOSPA"},
+            }
+        ],
         name=[{"use": "official", "family": FAMILY, "given": [GIVEN]}],
         birthDate="1980-02-29",
         gender="female",
         managingOrganization={"reference": "Organization/demo-hl7"},
     )
-    enc = eng.encounter(pid, identifier=[{"system": "urn:oid:1.2.250.1.999.2", "value": "V1"}],
-                        period={"start": "2026-11-20T08:00:00+01:00"})
+    enc = eng.encounter(
+        pid,
+        identifier=[{"system": "urn:oid:1.2.250.1.999.2", "value": "V1"}],
+        period={"start": "2026-11-20T08:00:00+01:00"},
+    )
     payload = pdf_bytes(4096)
-    r = eng.send(pid, enc, payload, document_title="Compte rendu | opératoire",
-                 sender_identifier="12345678910")
+    r = eng.send(
+        pid,
+        enc,
+        payload,
+        document_title="Compte rendu | opératoire",
+        sender_identifier="12345678910",
+    )
     assert r.status_code == 200, r.text
     params = Parameters.model_validate(r.json())
     values = {p.name: p.valueString for p in params.parameter}
     txid = values["transaction-id"]
     assert len(txid) <= 20
-    assert values["tracking-url"].endswith(f"/fhir/CommunicationRequest/$tracking?transaction-id={txid}")
+    assert values["tracking-url"].endswith(
+        f"/fhir/CommunicationRequest/$tracking?transaction-id={txid}"
+    )
 
     bundle = eng.wait_status(txid, {"completed"})
     Bundle.model_validate(bundle)
@@ -105,8 +120,9 @@ def test_document_reaches_the_ehr_as_a_valid_oru(eng: Running) -> None:
     message = raw.decode("utf-8")
     assert "Zoé".encode() in raw and "\\X" not in message
     assert _field(message, "MSH", 9) == txid
-    parsed = parse_message(_placeholder_obx5(message), validation_level=VALIDATION_LEVEL.STRICT,
-                           find_groups=True)
+    parsed = parse_message(
+        _placeholder_obx5(message), validation_level=VALIDATION_LEVEL.STRICT, find_groups=True
+    )
     parsed.validate()
     assert parsed.msh.msh_12.to_er7() == "2.5"
     obx5 = _field(message, "OBX", 5).split("^")
@@ -141,9 +157,14 @@ def test_unreachable_ehr_is_retried_then_delivered(
     lt: LoopThread, tmp_path: Path, backend: dict[str, Any]
 ) -> None:
     port = free_port()
-    with running_engine(lt, tmp_path, ehr_up=False, ehr_port=port,
-                        retry={"max_attempts": 50, "initial_delay": 0.2, "max_delay": 0.5},
-                        **backend) as eng:
+    with running_engine(
+        lt,
+        tmp_path,
+        ehr_up=False,
+        ehr_port=port,
+        retry={"max_attempts": 50, "initial_delay": 0.2, "max_delay": 0.5},
+        **backend,
+    ) as eng:
         pid = eng.patient(name=[{"family": "Durand", "given": ["Léa"]}])
         r = eng.send(pid, None, pdf_bytes(2000))
         assert r.status_code == 200, r.text

@@ -50,11 +50,18 @@ def test_example_config_delivers_to_the_simulated_ehr(tmp_path: Path) -> None:
     out = tmp_path / "ehr"
     engine_log = tmp_path / "engine.log"
     with (tmp_path / "ehr.log").open("wb") as ehr_out, engine_log.open("wb") as engine_out:
-        ehr = subprocess.Popen([*MEDCOURIER, "simulate-ehr", "--port", str(ehr_port), "--out",
-                                str(out)], env=env, stdout=ehr_out, stderr=subprocess.STDOUT)
+        ehr = subprocess.Popen(
+            [*MEDCOURIER, "simulate-ehr", "--port", str(ehr_port), "--out", str(out)],
+            env=env,
+            stdout=ehr_out,
+            stderr=subprocess.STDOUT,
+        )
         engine = subprocess.Popen(
             [*MEDCOURIER, "run", "--config", str(ROOT / "config/example.yaml")],
-            env=env, cwd=tmp_path, stdout=engine_out, stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp_path,
+            stdout=engine_out,
+            stderr=subprocess.STDOUT,
         )
         _exercise(engine, ehr, http_port, token, out)
     logs = engine_log.read_text()
@@ -64,7 +71,10 @@ def test_example_config_delivers_to_the_simulated_ehr(tmp_path: Path) -> None:
 
 
 def _exercise(
-    engine: subprocess.Popen[bytes], ehr: subprocess.Popen[bytes], http_port: int, token: str,
+    engine: subprocess.Popen[bytes],
+    ehr: subprocess.Popen[bytes],
+    http_port: int,
+    token: str,
     out: Path,
 ) -> None:
     try:
@@ -72,25 +82,45 @@ def _exercise(
         _wait_http(f"{base}/health", engine)
         auth = {"Authorization": f"Bearer {token}"}
         with httpx.Client(base_url=base, headers=auth, timeout=30) as c:
-            patient = c.post("/fhir/Patient", json={
-                "resourceType": "Patient",
-                "identifier": [{"system": "urn:oid:1.2.250.1.999.1", "value": "IPP-7"}],
-                "name": [{"family": "Lefèvre", "given": ["Éloïse"]}],
-                "birthDate": "2001-09-11", "gender": "female",
-                "managingOrganization": {"reference": "Organization/demo-hl7"},
-            }).json()
-            enc = c.post("/fhir/Encounter", json={
-                "resourceType": "Encounter", "status": "in-progress", "class": {"code": "AMB"},
-                "subject": {"reference": f"Patient/{patient['id']}"},
-                "serviceProvider": {"reference": "Organization/demo-hl7"},
-            }).json()
+            patient = c.post(
+                "/fhir/Patient",
+                json={
+                    "resourceType": "Patient",
+                    "identifier": [{"system": "urn:oid:1.2.250.1.999.1", "value": "IPP-7"}],
+                    "name": [{"family": "Lefèvre", "given": ["Éloïse"]}],
+                    "birthDate": "2001-09-11",
+                    "gender": "female",
+                    "managingOrganization": {"reference": "Organization/demo-hl7"},
+                },
+            ).json()
+            enc = c.post(
+                "/fhir/Encounter",
+                json={
+                    "resourceType": "Encounter",
+                    "status": "in-progress",
+                    "class": {"code": "AMB"},
+                    "subject": {"reference": f"Patient/{patient['id']}"},
+                    "serviceProvider": {"reference": "Organization/demo-hl7"},
+                },
+            ).json()
             payload = pdf_bytes(4096)
-            r = c.post("/fhir/CommunicationRequest/$send-to-ehr", json={
-                "resourceType": "Parameters", "parameter": [
-                    {"name": "subject", "valueReference": {"reference": f"Patient/{patient['id']}"}},
-                    {"name": "context", "valueReference": {"reference": f"Encounter/{enc['id']}"}},
-                    {"name": "payload", "valueString": base64.b64encode(payload).decode()},
-                ]})
+            r = c.post(
+                "/fhir/CommunicationRequest/$send-to-ehr",
+                json={
+                    "resourceType": "Parameters",
+                    "parameter": [
+                        {
+                            "name": "subject",
+                            "valueReference": {"reference": f"Patient/{patient['id']}"},
+                        },
+                        {
+                            "name": "context",
+                            "valueReference": {"reference": f"Encounter/{enc['id']}"},
+                        },
+                        {"name": "payload", "valueString": base64.b64encode(payload).decode()},
+                    ],
+                },
+            )
             assert r.status_code == 200, r.text
             tracking_url = r.json()["parameter"][0]["valueString"]
             assert tracking_url.startswith(base)

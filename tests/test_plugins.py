@@ -46,24 +46,36 @@ def test_status_and_validate_hooks_fire(lt: LoopThread, tmp_path: Path) -> None:
     with running_engine(lt, tmp_path, extra_plugins=(rec,)) as eng:
         pid = eng.patient(name=[{"family": "Hook", "given": ["Test"]}])
         ok = eng.send(pid, None, pdf_bytes(300)).json()["parameter"][1]["valueString"]
-        bad = eng.send(pid, None, pdf_bytes(300), document_title="REFUSE").json()[
-            "parameter"][1]["valueString"]
+        bad = eng.send(pid, None, pdf_bytes(300), document_title="REFUSE").json()["parameter"][1][
+            "valueString"
+        ]
         eng.wait_status(ok, {"completed"})
         bundle = eng.wait_status(bad, {"entered-in-error"})
     assert "recorder plugin refuses" in bundle["entry"][0]["resource"]["statusReason"]["text"]
     ok_changes = [(old, new) for t, _r, old, new in rec.changes if t == ok]
-    assert ok_changes == [(None, Status.PREPARATION), (Status.PREPARATION, Status.IN_PROGRESS),
-                          (Status.IN_PROGRESS, Status.COMPLETED)]
+    assert ok_changes == [
+        (None, Status.PREPARATION),
+        (Status.PREPARATION, Status.IN_PROGRESS),
+        (Status.IN_PROGRESS, Status.COMPLETED),
+    ]
     assert (Status.IN_PROGRESS, Status.ENTERED_IN_ERROR) in [
-        (old, new) for t, _r, old, new in rec.changes if t == bad]
+        (old, new) for t, _r, old, new in rec.changes if t == bad
+    ]
 
 
 def test_every_hook_is_documented_and_prefixed() -> None:
-    specs = [(n, f) for n, f in inspect.getmembers(hookspecs, inspect.isfunction)
-             if hasattr(f, "medcourier_spec")]
+    specs = [
+        (n, f)
+        for n, f in inspect.getmembers(hookspecs, inspect.isfunction)
+        if hasattr(f, "medcourier_spec")
+    ]
     assert {n for n, _ in specs} == {
-        "medcourier_formats", "medcourier_connectors", "medcourier_validate",
-        "medcourier_status_changed", "medcourier_cli_commands"}
+        "medcourier_formats",
+        "medcourier_connectors",
+        "medcourier_validate",
+        "medcourier_status_changed",
+        "medcourier_cli_commands",
+    }
     for name, fn in specs:
         doc: Any = inspect.getdoc(fn)
         assert doc and doc.splitlines()[0].endswith("."), name

@@ -8,7 +8,8 @@ the embedded broker's queues are rebuilt from the store (the store is the source
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -27,6 +28,15 @@ from medcourier.engine.txid import new_transaction_id
 from medcourier.engine.worker import RouteWorker
 
 log = structlog.get_logger("medcourier.engine")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the engine owns SIGINT/SIGTERM and stops the
+    HTTP server, the workers and the broker in order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
 
 
 class NoRouteError(Exception):
@@ -110,8 +120,7 @@ class Engine:
             lifespan="off",
             timeout_keep_alive=30,
         )
-        self._server = uvicorn.Server(cfg)
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._server = _Server(cfg)
         self._server_task = asyncio.create_task(self._server.serve())
         while not self._server.started:
             if self._server_task.done():
