@@ -72,6 +72,7 @@ def engine_config(
     extra_routes: list[dict[str, Any]] | None = None,
     max_document_bytes: int = 5 * 1024 * 1024,
     ack_timeout: float = 5,
+    fallback: bool = True,
 ) -> str:
     cfg: dict[str, Any] = {
         "instance": instance,
@@ -88,7 +89,7 @@ def engine_config(
         "routes": [
             {
                 "name": "ehr-a",
-                "match": {"organizations": ["Organization/demo-hl7"], "fallback": True},
+                "match": {"organizations": ["Organization/demo-hl7"], "fallback": fallback},
                 "format": "hl7v2-oru",
                 "format_options": {"receiving_application": "EHR", "receiving_facility": "A"},
                 "deliver": {

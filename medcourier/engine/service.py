@@ -53,6 +53,7 @@ class SubmitRequest:
     sender_identifier: str | None
     sender_application: str
     payload: bytes
+    organizations: frozenset[str] = frozenset()
 
 
 class Engine:
@@ -146,10 +147,7 @@ class Engine:
 
     async def submit(self, req: SubmitRequest, default_title: Callable[[str], str]) -> str:
         """Store a document, queue one work item per matching route, return its transaction id."""
-        orgs = await self.store.run(
-            self.store.sync.organizations_of, req.patient_id, req.encounter_id
-        )
-        routes = self.router.match(orgs)
+        routes = self.router.match(set(req.organizations))
         if not routes:
             raise NoRouteError(
                 "No route delivers documents for this patient or encounter: the hospital "

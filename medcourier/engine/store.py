@@ -228,22 +228,6 @@ class Store:
         with self.engine.connect() as c:
             return [json.loads(r[0]) for r in c.execute(q.order_by(encounters.c.updated_at))]
 
-    def organizations_of(self, patient_id: str, encounter_id: str | None) -> set[str]:
-        """The organizations a document belongs to, for route matching."""
-        with self.engine.connect() as c:
-            found = set(
-                c.execute(
-                    sa.select(patients.c.organization).where(patients.c.id == patient_id)
-                ).scalars()
-            )
-            if encounter_id:
-                found |= set(
-                    c.execute(
-                        sa.select(encounters.c.organization).where(encounters.c.id == encounter_id)
-                    ).scalars()
-                )
-        return {o for o in found if o}
-
     # -- documents -------------------------------------------------------------------------
     def accept_document(
         self,

@@ -207,6 +207,14 @@ def check(params: dict[str, Any], limit: int) -> _Checked:
     )
 
 
+def organizations(patient: dict[str, Any], encounter: dict[str, Any] | None) -> frozenset[str]:
+    """The hospitals a document belongs to, which routes match on."""
+    refs = [(patient.get("managingOrganization") or {}).get("reference")]
+    if encounter is not None:
+        refs.append((encounter.get("serviceProvider") or {}).get("reference"))
+    return frozenset(r for r in refs if isinstance(r, str))
+
+
 def default_title(patient: dict[str, Any], document_type: str, transaction_id: str) -> str:
     """The seed's nomenclature: last_name_first_name_birthdate_document_type_identifier."""
     names = patient.get("name") or [{}]
@@ -228,6 +236,7 @@ async def send_to_ehr(
     patient = await engine.store.run(engine.store.sync.get_patient, checked.patient_id)
     if patient is None:
         raise invalid_reference(f"Patient/{checked.patient_id}")
+    encounter: dict[str, Any] | None = None
     if checked.encounter_id is not None:
         encounter = await engine.store.run(engine.store.sync.get_encounter, checked.encounter_id)
         if encounter is None:
@@ -249,6 +258,7 @@ async def send_to_ehr(
                 sender_identifier=checked.sender_identifier,
                 sender_application=principal.name,
                 payload=checked.payload,
+                organizations=organizations(patient, encounter),
             ),
             lambda txid: default_title(patient, checked.document_type, txid),
         )

@@ -15,7 +15,14 @@ Failure model, in short:
   503) instead of queueing in memory where a crash would lose the work;
 - a lost connection fails every unconfirmed publish, then reconnects with backoff (0.5 s doubling to
   5 s), re-declares the topology and re-registers the consumers; unacknowledged deliveries are
-  requeued by RabbitMQ itself, so a handler may see an item twice (at-least-once).
+  requeued by RabbitMQ itself, so a handler may see an item twice (at-least-once);
+- a failed handler is retried in place (same delivery, after ``requeue_delay``) rather than
+  nacked: on quorum queues (RabbitMQ 3.10 here) a nack-requeued message came back *behind* the
+  items queued after it, breaking per-route FIFO, and recent RabbitMQ versions also cap quorum
+  redeliveries (``delivery-limit``), after which the item would be dropped;
+- a consumer channel closed by RabbitMQ (e.g. ``consumer_timeout`` on a delivery held too long) is
+  reopened on the same connection once that route's running handler has finished, so publishers
+  are not disturbed and the redelivered item is never handled twice at the same time.
 """
 
 from __future__ import annotations
@@ -141,9 +148,14 @@ class AmqpBroker:
 
         # RPC replies being awaited (channel open, declare, ...): failed at once if the
         # connection drops, instead of waiting for their timeout.
-        self._waiters: set[asyncio.Future[Any]] = set()
-        # Handler invocations in flight, so close() can let them finish.
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Each maps to the channel it was sent on (None: connection-level), so that a channel
+        # closed by RabbitMQ fails its own pending calls.
+        self._waiters: dict[asyncio.Future[Any], Channel | None] = {}
+        # Handler invocations in flight (per route), so close() can let them finish and a
+        # consumer is only re-registered once its route's previous delivery is done.
+        self._inflight: dict[str, set[asyncio.Task[None]]] = {}
+        # Background re-registrations of consumers after a reconnect or a lost consumer channel.
+        self._resume_tasks: dict[str, asyncio.Task[None]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -185,16 +197,19 @@ class AmqpBroker:
         if self._closing:
             return
         self._closing = True
-        if self._reconnect_task is not None:
-            self._reconnect_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reconnect_task
+        background = [t for t in (self._reconnect_task, *self._resume_tasks.values()) if t]
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         for channel in list(self._consumer_channels.values()):
             for tag in list(channel.consumer_tags):
                 with contextlib.suppress(BrokerError):
-                    await self._rpc(partial(self._basic_cancel, channel, tag), "cancel consumer")
-        if self._tasks:
-            _done, running = await asyncio.wait(set(self._tasks), timeout=self._confirm_timeout)
+                    await self._rpc(
+                        partial(self._basic_cancel, channel, tag), "cancel consumer", channel
+                    )
+        handlers = {task for tasks in self._inflight.values() for task in tasks}
+        if handlers:
+            _done, running = await asyncio.wait(handlers, timeout=self._confirm_timeout)
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
@@ -323,18 +338,62 @@ class AmqpBroker:
             lambda done: connection.channel(on_open_callback=done), "open consumer channel"
         )
         self._consumer_channels[route] = channel
-        channel.add_on_close_callback(partial(self._on_channel_closed, f"consumer:{route}"))
-        channel.add_on_cancel_callback(partial(self._on_consumer_cancelled, route))
-        await self._rpc(lambda done: channel.basic_qos(prefetch_count=1, callback=done), "qos")
-        await self._declare_queue(channel, route)
-        await self._rpc(
-            lambda done: channel.basic_consume(
-                queue_name(self._instance, route),
-                on_message_callback=partial(self._on_message, route, handler),
-                callback=done,
-            ),
-            "consume",
+        channel.add_on_close_callback(partial(self._on_consumer_channel_closed, route))
+        channel.add_on_cancel_callback(partial(self._on_consumer_cancelled, route, channel))
+        try:
+            await self._rpc(
+                lambda done: channel.basic_qos(prefetch_count=1, callback=done), "qos", channel
+            )
+            await self._declare_queue(channel, route)
+            await self._rpc(
+                lambda done: channel.basic_consume(
+                    queue_name(self._instance, route),
+                    on_message_callback=partial(self._on_message, route, handler),
+                    callback=done,
+                ),
+                "consume",
+                channel,
+            )
+        except BaseException:
+            if self._consumer_channels.get(route) is channel:
+                del self._consumer_channels[route]
+            if channel.is_open:
+                channel.close()
+            raise
+
+    def _schedule_consumer(self, route: str) -> None:
+        """Re-register the route's consumer in the background (idempotent)."""
+        task = self._resume_tasks.get(route)
+        if self._closing or (task is not None and not task.done()):
+            return
+        self._resume_tasks[route] = asyncio.get_running_loop().create_task(
+            self._resume_consumer(route)
         )
+
+    async def _resume_consumer(self, route: str) -> None:
+        """Wait for the route's running handler, then consume again, retrying with backoff.
+
+        The delivery that handler holds died with its channel and will be redelivered to the new
+        consumer: starting it earlier would run the same item twice concurrently.
+        """
+        busy = self._inflight.get(route)
+        if busy:
+            await asyncio.wait(set(busy))
+        delay = self._reconnect_delay
+        while not self._closing:
+            connection = self._connection
+            handler = self._handlers.get(route)
+            if connection is None or handler is None or not self.connected:
+                return  # the reconnect in progress schedules this again once it is done
+            try:
+                await self._start_consumer(connection, route, handler)
+            except BrokerError as exc:
+                log.warning("broker.consumer_resume_failed", route=route, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._reconnect_max_delay)
+            else:
+                log.info("broker.consumer_resumed", route=route)
+                return
 
     def _on_message(
         self,
@@ -348,74 +407,108 @@ class AmqpBroker:
         task = asyncio.get_running_loop().create_task(
             self._handle(route, handler, channel, method.delivery_tag, body)
         )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        inflight = self._inflight.setdefault(route, set())
+        inflight.add(task)
+        task.add_done_callback(inflight.discard)
 
     async def _handle(
         self, route: str, handler: Handler, channel: Channel, tag: int, body: bytes
     ) -> None:
-        """Run the handler for one delivery; ack on success, requeue (after a pause) on error.
+        """Run the handler for one delivery until it succeeds, then ack.
 
+        A failure is retried in place after ``requeue_delay`` (see the module docstring for why
+        not nack): the item keeps its place at the head of the route. The loop ends without an
+        ack when the broker closes or the channel is gone; RabbitMQ then requeues the item.
         Only exception type names are logged: messages of arbitrary exceptions may quote payloads.
         """
         try:
             item = WorkItem.from_bytes(body)
         except (ValueError, KeyError, TypeError) as exc:
-            # It can never succeed: requeueing would block the route forever.
+            # It can never succeed: retrying would block the route forever.
             log.error(
                 "broker.malformed_item_dropped",
                 route=route,
                 size=len(body),
                 error=type(exc).__name__,
             )
-            self._settle_delivery(channel, tag, route, ack=True)
+            self._ack(channel, tag, route)
             return
-        try:
-            await handler(item)
-        except Exception as exc:
-            log.warning(
-                "broker.handler_failed",
-                route=route,
-                transaction_id=item.transaction_id,
-                error=type(exc).__name__,
-            )
-            # A short pause so a persistently failing item does not spin the CPU and the log.
-            await asyncio.sleep(self._requeue_delay)
-            self._settle_delivery(channel, tag, route, ack=False)
-        else:
-            self._settle_delivery(channel, tag, route, ack=True)
+        while True:
+            try:
+                await handler(item)
+            except Exception as exc:
+                log.warning(
+                    "broker.handler_failed",
+                    route=route,
+                    transaction_id=item.transaction_id,
+                    error=type(exc).__name__,
+                )
+                # A pause so a persistently failing item does not spin the CPU and the log.
+                await asyncio.sleep(self._requeue_delay)
+                if self._closing or not channel.is_open:
+                    return
+            else:
+                self._ack(channel, tag, route)
+                return
 
-    def _settle_delivery(self, channel: Channel, tag: int, route: str, *, ack: bool) -> None:
+    def _ack(self, channel: Channel, tag: int, route: str) -> None:
         if not channel.is_open:
             # The delivery died with its channel; RabbitMQ requeues it for the next consumer.
-            log.info("broker.settle_lost", route=route, ack=ack)
+            log.info("broker.ack_lost", route=route)
             return
         try:
-            if ack:
-                channel.basic_ack(tag)
-            else:
-                channel.basic_nack(tag, requeue=True)
+            channel.basic_ack(tag)
         except pika.exceptions.AMQPError as exc:
-            log.info("broker.settle_lost", route=route, ack=ack, error=type(exc).__name__)
+            log.info("broker.ack_lost", route=route, error=type(exc).__name__)
 
-    def _on_consumer_cancelled(self, route: str, frame: Any) -> None:
-        """RabbitMQ cancelled our consumer (queue deleted...): rebuild all by reconnecting."""
+    def _on_consumer_channel_closed(
+        self, route: str, channel: Channel, reason: BaseException
+    ) -> None:
+        self._fail_waiters(channel, reason)
+        if self._consumer_channels.get(route) is channel:
+            del self._consumer_channels[route]
+        if self._closing or isinstance(reason, pika.exceptions.ChannelClosedByClient):
+            return
+        if self._connection is None or not self._connection.is_open:
+            return  # the whole connection is going: _on_connection_closed handles it
+        log.warning("broker.consumer_channel_closed", route=route, reason=str(reason))
+        self._schedule_consumer(route)
+
+    def _on_consumer_cancelled(self, route: str, channel: Channel, frame: Any) -> None:
+        """RabbitMQ cancelled our consumer (queue deleted...): reopen it, re-declaring the queue."""
         if self._closing:
             return
         log.warning("broker.consumer_cancelled_by_server", route=route)
-        self._drop_connection("consumer cancelled by RabbitMQ")
+        if self._consumer_channels.get(route) is channel:
+            del self._consumer_channels[route]
+        if channel.is_open:
+            channel.close()
+        self._schedule_consumer(route)
 
     # ------------------------------------------------------------------ admin
 
     async def purge(self, route: str) -> int:
-        """Drop the route's ready items; returns how many there were."""
-        channel = self._publisher
-        if channel is None or not channel.is_open:
+        """Drop the route's ready items; returns how many there were.
+
+        Runs on a short-lived channel of its own: RabbitMQ answers an unknown queue by closing
+        the channel, which must not take the publisher channel (and its confirms) with it.
+        """
+        connection = self._connection
+        if connection is None or not self.connected:
             raise BrokerError("RabbitMQ is not connected: cannot purge")
-        frame = await self._rpc(
-            lambda done: channel.queue_purge(queue_name(self._instance, route), callback=done),
-            "purge",
+        channel: Channel = await self._rpc(
+            lambda done: connection.channel(on_open_callback=done), "open admin channel"
         )
+        channel.add_on_close_callback(self._fail_waiters)
+        try:
+            frame = await self._rpc(
+                lambda done: channel.queue_purge(queue_name(self._instance, route), callback=done),
+                f"purge route {route!r}",
+                channel,
+            )
+        finally:
+            if channel.is_open:
+                channel.close()
         return int(frame.method.message_count)
 
     # ------------------------------------------------------------------ connection management
@@ -466,17 +559,19 @@ class AmqpBroker:
         channel: Channel = await self._rpc(
             lambda done: connection.channel(on_open_callback=done), "open publisher channel"
         )
-        channel.add_on_close_callback(partial(self._on_channel_closed, "publisher"))
+        channel.add_on_close_callback(self._on_publisher_closed)
         channel.add_on_return_callback(self._on_return)
         await self._rpc(
             lambda done: channel.confirm_delivery(partial(self._on_confirm, channel), done),
             "confirm.select",
+            channel,
         )
         await self._rpc(
             lambda done: channel.exchange_declare(
                 exchange=self._exchange, exchange_type="direct", durable=True, callback=done
             ),
             "declare exchange",
+            channel,
         )
         for route in self._routes:
             await self._declare_queue(channel, route)
@@ -484,8 +579,8 @@ class AmqpBroker:
         self._order.clear()
         self._returned.clear()
         self._publisher = channel
-        for route, handler in list(self._handlers.items()):
-            await self._start_consumer(connection, route, handler)
+        for route in self._handlers:
+            self._schedule_consumer(route)
 
     async def _declare_queue(self, channel: Channel, route: str) -> None:
         queue = queue_name(self._instance, route)
@@ -494,12 +589,14 @@ class AmqpBroker:
                 queue, durable=True, arguments=self._queue_arguments, callback=done
             ),
             f"declare queue {queue}",
+            channel,
         )
         await self._rpc(
             lambda done: channel.queue_bind(
                 queue, self._exchange, routing_key=route, callback=done
             ),
             f"bind queue {queue}",
+            channel,
         )
 
     def _on_connection_closed(self, connection: Any, reason: BaseException) -> None:
@@ -530,21 +627,22 @@ class AmqpBroker:
                 log.info("broker.reconnected", instance=self._instance)
                 return
 
-    def _on_channel_closed(self, role: str, channel: Channel, reason: BaseException) -> None:
-        """A channel closed: expected when we close, otherwise rebuild the connection.
+    def _on_publisher_closed(self, channel: Channel, reason: BaseException) -> None:
+        """The publisher channel closed: expected when we close, otherwise reconnect.
 
-        Channel errors (a declare refused, a deleted queue...) leave the connection open but our
-        state stale; restarting the whole connection is the one recovery path that is tested.
+        RabbitMQ closes a channel on a protocol error (an exchange deleted under us...): the
+        connection stays up but our topology is stale, so the whole connection is rebuilt.
         """
+        if channel is self._publisher:
+            self._publisher = None
+        self._fail_waiters(channel, reason)
         if self._closing or isinstance(reason, pika.exceptions.ChannelClosedByClient):
             return
-        if role == "publisher" and channel is self._publisher:
-            self._publisher = None
         if self._connection is None or not self._connection.is_open:
-            return  # the connection itself is going: _on_connection_closed handles it
-        self._fail_all(BrokerError(f"RabbitMQ closed the {role} channel: {reason!r}"))
-        log.warning("broker.channel_closed", role=role, reason=str(reason))
-        self._drop_connection(f"{role} channel closed")
+            return  # the whole connection is going: _on_connection_closed handles it
+        self._fail_all(BrokerError(f"RabbitMQ closed the publisher channel: {reason!r}"))
+        log.warning("broker.publisher_channel_closed", reason=str(reason))
+        self._drop_connection("publisher channel closed")
 
     def _drop_connection(self, why: str) -> None:
         connection = self._connection
@@ -579,7 +677,12 @@ class AmqpBroker:
 
     # ------------------------------------------------------------------ helpers
 
-    async def _rpc(self, start: Callable[[Callable[[Any], None]], object], what: str) -> Any:
+    async def _rpc(
+        self,
+        start: Callable[[Callable[[Any], None]], object],
+        what: str,
+        channel: Channel | None = None,
+    ) -> Any:
         """Start a pika call taking a completion callback and await that callback, bounded."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
@@ -587,7 +690,7 @@ class AmqpBroker:
             if not future.done():
                 future.set_result(result)
 
-        self._waiters.add(future)
+        self._waiters[future] = channel
         try:
             try:
                 start(done)
@@ -595,7 +698,12 @@ class AmqpBroker:
                 raise BrokerError(f"{what} failed: {exc!r}") from exc
             return await self._bounded(future, what)
         finally:
-            self._waiters.discard(future)
+            self._waiters.pop(future, None)
+
+    def _fail_waiters(self, channel: Channel, reason: BaseException) -> None:
+        for future, sent_on in list(self._waiters.items()):
+            if sent_on is channel and not future.done():
+                future.set_exception(BrokerError(f"RabbitMQ closed the channel: {reason!r}"))
 
     async def _bounded(self, future: asyncio.Future[Any], what: str) -> Any:
         try:

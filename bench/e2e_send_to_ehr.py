@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""End-to-end load: N documents over HTTP $send-to-ehr → queue → ORU → MLLP EHR → completed.
+
+Starts a real `medcourier run` process (embedded default, or RabbitMQ + PostgreSQL) and an EHR
+simulator, posts N documents with C concurrent clients, then reads each document's `sent` time
+from $tracking. Prints one table: documents/s (first submit to last completed) and p50/p90/p99/max
+latency from submit to completed, per backend and payload size.
+
+    .venv/bin/python bench/e2e_send_to_ehr.py                       # embedded, 4 KB and 1 MB
+    .venv/bin/python bench/e2e_send_to_ehr.py --backend rabbitmq --count 2000 --size 4096
+
+Not a test: nothing is asserted; the figures go in the notes and docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pika
+import yaml
+
+from medcourier.channels.mllp.simulator import EhrSimulator
+
+TOKEN = "bench-token-" + uuid.uuid4().hex
+RABBIT = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+POSTGRES = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def pdf(size: int) -> bytes:
+    head = b"%PDF-1.4\n%bench\n"
+    tail = b"\n%%EOF\n"
+    body = os.urandom(max(0, size - len(head) - len(tail)))
+    return head + body + tail
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def config(data_dir: Path, http_port: int, ehr_port: int, backend: str, instance: str) -> str:
+    cfg: dict[str, Any] = {
+        "instance": instance,
+        "data_dir": str(data_dir),
+        "log_level": "warning",
+        "http": {"host": "127.0.0.1", "port": http_port},
+        "tokens": [{"name": "bench", "token": TOKEN, "scopes": ["SEND_TO_EHR", "PATIENT_CREATE"]}],
+        "limits": {"max_document_bytes": 64 * 1024 * 1024},
+        "routes": [
+            {
+                "name": "bench-ehr",
+                "match": {"fallback": True},
+                "format": "hl7v2-oru",
+                "deliver": {"connector": "mllp", "host": "127.0.0.1", "port": ehr_port},
+            }
+        ],
+    }
+    if backend == "rabbitmq":
+        cfg["broker"] = RABBIT
+        cfg["store"] = POSTGRES
+    return yaml.safe_dump(cfg)
+
+
+async def wait_http(base: str, proc: subprocess.Popen[bytes]) -> None:
+    async with httpx.AsyncClient() as c:
+        for _ in range(300):
+            if proc.poll() is not None:
+                raise SystemExit(f"engine exited with {proc.returncode}")
+            try:
+                if (await c.get(f"{base}/health")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    raise SystemExit("engine did not start")
+
+
+async def run_case(backend: str, size: int, count: int, concurrency: int) -> dict[str, Any]:
+    ehr = EhrSimulator()
+    await ehr.start()
+    http_port = free_port()
+    instance = f"bench-{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_path = Path(tmp) / "bench.yaml"
+        cfg_path.write_text(config(Path(tmp) / "data", http_port, ehr.port, backend, instance))
+        log = (Path(tmp) / "engine.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "medcourier.engine.cli", "run", "--config", str(cfg_path)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        base = f"http://127.0.0.1:{http_port}"
+        try:
+            await wait_http(base, proc)
+            result = await load(base, size, count, concurrency, ehr)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+            log.close()
+            await ehr.stop()
+            if backend == "rabbitmq":
+                cleanup_amqp(instance)
+    return {"backend": backend, "size": size, "count": count, "concurrency": concurrency,
+            **result}
+
+
+def cleanup_amqp(instance: str) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(RABBIT.replace(":5672//", ":5672/%2F")))
+    ch = conn.channel()
+    ch.queue_delete(f"{instance}.route.bench-ehr")
+    ch.exchange_delete(f"{instance}.routes")
+    conn.close()
+
+
+async def load(
+    base: str, size: int, count: int, concurrency: int, ehr: EhrSimulator
+) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=120,
+                                 limits=limits) as c:
+        patient = (await c.post("/fhir/Patient", json={
+            "resourceType": "Patient", "name": [{"family": "Bench", "given": ["Load"]}],
+            "identifier": [{"system": "urn:oid:1.2.250.1.999.1", "value": "BENCH-1"}],
+        })).json()["id"]
+        body = json.dumps({"resourceType": "Parameters", "parameter": [
+            {"name": "subject", "valueReference": {"reference": f"Patient/{patient}"}},
+            {"name": "payload", "valueString": base64.b64encode(pdf(size)).decode()},
+        ]}).encode()
+        submitted: dict[str, float] = {}
+        errors = 0
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(count):
+            queue.put_nowait(i)
+
+        async def client() -> None:
+            nonlocal errors
+            while not queue.empty():
+                queue.get_nowait()
+                t0 = time.time()
+                r = await c.post("/fhir/CommunicationRequest/$send-to-ehr", content=body,
+                                 headers={"Content-Type": "application/fhir+json"})
+                if r.status_code != 200:
+                    errors += 1
+                    continue
+                submitted[r.json()["parameter"][1]["valueString"]] = t0
+
+        start = time.time()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        accepted_in = time.time() - start
+        while len(ehr.received) < len(submitted):
+            await asyncio.sleep(0.05)
+            if time.time() - start > 600:
+                break
+        # read the completion times the engine recorded
+        latencies: list[float] = []
+        last_done = start
+        for txid, t0 in submitted.items():
+            for _ in range(200):
+                bundle = (await c.get("/fhir/CommunicationRequest/$tracking",
+                                      params={"transaction-id": txid})).json()
+                comm = bundle["entry"][0]["resource"]
+                if comm["status"] == "completed":
+                    done = datetime.fromisoformat(comm["sent"]).timestamp()
+                    latencies.append(done - t0)
+                    last_done = max(last_done, done)
+                    break
+                if comm["status"] == "entered-in-error":
+                    errors += 1
+                    break
+                await asyncio.sleep(0.05)
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000
+
+    return {
+        "completed": len(latencies),
+        "errors": errors,
+        "accept_per_s": round(len(submitted) / accepted_in, 1),
+        "docs_per_s": round(len(latencies) / (last_done - start), 1),
+        "p50_ms": round(pct(0.50), 1),
+        "p90_ms": round(pct(0.90), 1),
+        "p99_ms": round(pct(0.99), 1),
+        "max_ms": round(latencies[-1] * 1000, 1),
+        "mean_ms": round(statistics.fmean(latencies) * 1000, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", choices=["embedded", "rabbitmq", "both"], default="both")
+    parser.add_argument("--count", type=int, default=500, help="documents per 4 KB case")
+    parser.add_argument("--count-large", type=int, default=50, help="documents per 1 MB case")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args()
+    backends = ["embedded", "rabbitmq"] if args.backend == "both" else [args.backend]
+    rows = []
+    for backend in backends:
+        for size, count in ((4096, args.count), (1024 * 1024, args.count_large)):
+            rows.append(asyncio.run(run_case(backend, size, count, args.concurrency)))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    cols = ["backend", "size", "count", "concurrency", "completed", "errors", "accept_per_s",
+            "docs_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for row in rows:
+        print("| " + " | ".join(str(row[c]) for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
