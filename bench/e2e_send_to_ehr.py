@@ -19,6 +19,7 @@ import asyncio
 import base64
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -101,8 +102,11 @@ async def run_case(backend: str, size: int, count: int, concurrency: int) -> dic
         cfg_path = Path(tmp) / "bench.yaml"
         cfg_path.write_text(config(Path(tmp) / "data", http_port, ehr.port, backend, instance))
         log = (Path(tmp) / "engine.log").open("wb")
+        # BENCH_WRAP="py-spy record -o profile.svg --" profiles the engine process
+        wrap = os.environ.get("BENCH_WRAP", "").split()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "medcourier.engine.cli", "run", "--config", str(cfg_path)],
+            [*wrap, sys.executable, "-m", "medcourier.engine.cli", "run", "--config",
+             str(cfg_path)],
             stdout=log, stderr=subprocess.STDOUT,
         )
         base = f"http://127.0.0.1:{http_port}"
@@ -110,8 +114,8 @@ async def run_case(backend: str, size: int, count: int, concurrency: int) -> dic
             await wait_http(base, proc)
             result = await load(base, size, count, concurrency, ehr)
         finally:
-            proc.terminate()
-            proc.wait(30)
+            proc.send_signal(signal.SIGINT if wrap else signal.SIGTERM)
+            proc.wait(60)
             log.close()
             await ehr.stop()
             if backend == "rabbitmq":

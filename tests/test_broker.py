@@ -10,6 +10,7 @@ what the broker under test really stored. Tests are synchronous and drive the br
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 import uuid
@@ -180,10 +181,8 @@ class Recorder:
             if remaining <= 0:
                 raise AssertionError(f"got {len(self.done)} of {count} items: {self.done[-5:]}")
             self._changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                pass
         return self.done
 
     async def settle(self, quiet: float = 0.3) -> None:
@@ -587,6 +586,94 @@ def test_amqp_connection_loss_fails_fast_then_recovers() -> None:
     # What was confirmed was queued: every successful publish is delivered.
     confirmed = [f"flight-{i}" for i, o in enumerate(outcomes[:50]) if o is None]
     assert set(confirmed) <= set(done)
+
+
+def test_amqp_consumer_recovers_alone_when_its_queue_is_deleted() -> None:
+    """RabbitMQ cancels a consumer whose queue is deleted: it comes back, publishers untouched."""
+    instance = new_instance()
+    broker = AmqpBroker(rabbitmq_url(), instance, confirm_timeout=5, reconnect_delay=0.1)
+    recorder = Recorder()
+
+    async def scenario() -> None:
+        await broker.start(["lab"])
+        await broker.consume("lab", recorder)
+        publisher = broker._publisher
+        await asyncio.to_thread(delete_amqp_queue, queue_name(instance, "lab"))
+        deadline = time.monotonic() + 10
+        while True:  # unroutable until the consumer re-declared its queue
+            try:
+                await broker.publish(WorkItem("after-cancel", "lab"))
+                break
+            except BrokerError:
+                assert time.monotonic() < deadline, "queue not re-declared within 10 s"
+                await asyncio.sleep(0.05)
+        await recorder.wait_for(1)
+        assert broker._publisher is publisher, "the publisher channel must survive"
+
+    try:
+        run(closing(broker, scenario))
+    finally:
+        delete_amqp({(instance, "lab")})
+    assert recorder.done == ["after-cancel"]
+
+
+def delete_amqp_queue(queue: str) -> None:
+    connection = pika.BlockingConnection(admin_parameters())
+    try:
+        connection.channel().queue_delete(queue)
+    finally:
+        connection.close()
+
+
+def test_amqp_item_held_across_reconnect_is_never_handled_twice_at_once() -> None:
+    """The delivery of a handler still running when the connection drops is redelivered only
+    after that handler returned: one item of a route in flight, even across reconnects."""
+    instance = new_instance()
+    broker = AmqpBroker(rabbitmq_url(), instance, confirm_timeout=5, reconnect_delay=0.1)
+    gate = asyncio.Event()
+    calls: list[str] = []
+    active = 0
+    max_active = 0
+
+    async def handler(item: WorkItem) -> None:
+        nonlocal active, max_active
+        calls.append(item.transaction_id)
+        active += 1
+        max_active = max(max_active, active)
+        try:
+            if len(calls) == 1:
+                await gate.wait()
+        finally:
+            active -= 1
+
+    async def scenario() -> None:
+        await broker.start(["lab"])
+        await broker.publish(WorkItem("tx-held", "lab"))
+        await broker.publish(WorkItem("tx-next", "lab"))
+        await broker.consume("lab", handler)
+        while not calls:
+            await asyncio.sleep(0.01)
+        connection = broker._connection
+        assert connection is not None
+        connection.close()
+        deadline = time.monotonic() + 10
+        while not broker.connected:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)  # a premature consumer would have redelivered by now
+        assert calls == ["tx-held"]
+        gate.set()
+        deadline = time.monotonic() + 10
+        while calls[-1:] != ["tx-next"]:
+            assert time.monotonic() < deadline, calls
+            await asyncio.sleep(0.02)
+
+    try:
+        run(closing(broker, scenario))
+    finally:
+        delete_amqp({(instance, "lab")})
+    assert calls == ["tx-held", "tx-held", "tx-next"]
+    assert max_active == 1
 
 
 def test_amqp_quorum_flag_declares_quorum_queues() -> None:

@@ -140,16 +140,18 @@ class AmqpBroker:
         self._connection_closed: asyncio.Future[None] | None = None
 
         # Publisher confirms: delivery tag -> future of the publish awaiting it. ``_order`` keeps
-        # the tags in publish order so a ``multiple`` ack settles a prefix in O(settled).
+        # (tag, deadline) in publish order, so a ``multiple`` ack settles a prefix in
+        # O(settled) and, the timeout being constant, deadlines are sorted too: one timer at the
+        # front deadline bounds every publish (a timer per publish cost a third of the rate).
         self._next_tag = 0
         self._pending: dict[int, asyncio.Future[None]] = {}
-        self._order: deque[int] = deque()
+        self._order: deque[tuple[int, float]] = deque()
         self._returned: set[int] = set()
+        self._expiry: asyncio.TimerHandle | None = None
 
-        # RPC replies being awaited (channel open, declare, ...): failed at once if the
-        # connection drops, instead of waiting for their timeout.
-        # Each maps to the channel it was sent on (None: connection-level), so that a channel
-        # closed by RabbitMQ fails its own pending calls.
+        # RPC replies being awaited (channel open, declare, ...), each with the channel it was
+        # sent on (None: connection level): failed at once when that channel or the connection
+        # closes, instead of waiting for their timeout.
         self._waiters: dict[asyncio.Future[Any], Channel | None] = {}
         # Handler invocations in flight (per route), so close() can let them finish and a
         # consumer is only re-registered once its route's previous delivery is done.
@@ -253,17 +255,35 @@ class AmqpBroker:
         except pika.exceptions.AMQPError as exc:
             raise BrokerError(f"publish failed: {exc!r}") from exc
         self._next_tag = tag
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
         self._pending[tag] = future
-        self._order.append(tag)
+        deadline = loop.time() + self._confirm_timeout
+        self._order.append((tag, deadline))
+        if self._expiry is None:
+            self._expiry = loop.call_at(deadline, self._expire)
         try:
-            await asyncio.wait_for(future, self._confirm_timeout)
-        except TimeoutError:
-            raise BrokerError(
-                f"RabbitMQ did not confirm the item within {self._confirm_timeout:g} s"
-            ) from None
+            await future
         finally:
             self._pending.pop(tag, None)
+
+    def _expire(self) -> None:
+        """Fail the publishes whose confirm is overdue, then re-arm for the next deadline."""
+        self._expiry = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        order, pending = self._order, self._pending
+        while order and (order[0][0] not in pending or order[0][1] <= now):
+            tag, _deadline = order.popleft()
+            future = pending.pop(tag, None)
+            if future is not None and not future.done():
+                future.set_exception(
+                    BrokerError(
+                        f"RabbitMQ did not confirm the item within {self._confirm_timeout:g} s"
+                    )
+                )
+        if order:
+            self._expiry = loop.call_at(order[0][1], self._expire)
 
     def _on_confirm(self, channel: Channel, frame: Any) -> None:
         """Settle the futures of the publishes a ``Basic.Ack``/``Basic.Nack`` covers."""
@@ -274,12 +294,12 @@ class AmqpBroker:
         tag: int = method.delivery_tag
         if method.multiple:
             order = self._order
-            while order and (tag == 0 or order[0] <= tag):
-                self._settle(order.popleft(), acked)
+            while order and (tag == 0 or order[0][0] <= tag):
+                self._settle(order.popleft()[0], acked)
         else:
             self._settle(tag, acked)
             # Drop settled tags from the front so ``_order`` cannot grow under single acks.
-            while self._order and self._order[0] not in self._pending:
+            while self._order and self._order[0][0] not in self._pending:
                 self._order.popleft()
 
     def _settle(self, tag: int, acked: bool) -> None:
@@ -358,7 +378,8 @@ class AmqpBroker:
             if self._consumer_channels.get(route) is channel:
                 del self._consumer_channels[route]
             if channel.is_open:
-                channel.close()
+                with contextlib.suppress(pika.exceptions.AMQPError):
+                    channel.close()
             raise
 
     def _schedule_consumer(self, route: str) -> None:
@@ -482,7 +503,8 @@ class AmqpBroker:
         if self._consumer_channels.get(route) is channel:
             del self._consumer_channels[route]
         if channel.is_open:
-            channel.close()
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                channel.close()
         self._schedule_consumer(route)
 
     # ------------------------------------------------------------------ admin
@@ -508,7 +530,8 @@ class AmqpBroker:
             )
         finally:
             if channel.is_open:
-                channel.close()
+                with contextlib.suppress(pika.exceptions.AMQPError):
+                    channel.close()
         return int(frame.method.message_count)
 
     # ------------------------------------------------------------------ connection management
@@ -664,6 +687,9 @@ class AmqpBroker:
         pending, self._pending = self._pending, {}
         self._order.clear()
         self._returned.clear()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         for future in [*pending.values(), *self._waiters]:
             if not future.done():
                 future.set_exception(error)

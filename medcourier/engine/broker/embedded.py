@@ -283,12 +283,16 @@ class EmbeddedBroker:
         module docstring for why it is not requeued).
         """
         queue_label = queue_name(self._instance, route)
+        connection = self._connection()
+        channel: Any = None
         try:
-            connection = self._connection()
             channel = connection.channel()
             queue = _Queue(queue_label, routing_key=queue_label, durable=True)(channel)
             queue.declare()
         except Exception as exc:
+            connection.release()
+            if channel is not None:
+                _close_channel_session(channel)
             ready.set_exception(exc)
             return
         ready.set_result(None)
