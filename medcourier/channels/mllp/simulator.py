@@ -67,6 +67,7 @@ class EhrSimulator:
         self._port = port
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[object]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     @property
     def ack_code(self) -> str:
@@ -102,10 +103,16 @@ class EhrSimulator:
         if server is None:
             return
         server.close()
+        # Close the connections rather than cancel their handlers: a cancelled handler task makes
+        # asyncio's stream callback log a spurious CancelledError traceback (Python 3.11).
+        for writer in list(self._writers):
+            writer.close()
         handlers = list(self._handlers)
-        for task in handlers:
-            task.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
+        if handlers:
+            _done, pending = await asyncio.wait(handlers, timeout=5)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         await server.wait_closed()
 
     async def __aenter__(self) -> EhrSimulator:
@@ -126,6 +133,7 @@ class EhrSimulator:
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
+        self._writers.add(writer)
         try:
             while True:
                 message = await read_frame(reader, self.max_size)
@@ -136,6 +144,7 @@ class EhrSimulator:
         finally:
             if task is not None:
                 self._handlers.discard(task)
+            self._writers.discard(writer)
             await _close(writer)
 
     def _accept(self, message: bytes) -> bytes:
