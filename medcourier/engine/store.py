@@ -157,7 +157,8 @@ class Store:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
             kwargs["pool_size"] = 8
-            kwargs["pool_pre_ping"] = True
+            # No pre-ping: it costs a round trip per checkout; a dropped connection fails one
+            # call and the pool replaces it.
         self.engine: Engine = sa.create_engine(self.url, **kwargs)
         if self.is_sqlite:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
