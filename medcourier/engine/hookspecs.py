@@ -14,7 +14,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from medcourier.engine.model import Document, Issue, Status
-    from medcourier.engine.plugins import CliCommand, ConnectorType, FormatType
+    from medcourier.engine.plugins import CliCommand, ConnectorType, FormatType, InboundType
 
 hookspec = pluggy.HookspecMarker("medcourier")
 
@@ -35,6 +35,16 @@ def medcourier_connectors() -> list[ConnectorType]:
 
     :return: connector descriptors; each name must be unique and is what a route's
         ``deliver.connector`` names.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def medcourier_inbound_channels() -> list[InboundType]:
+    """Register inbound channel types (listeners, watched folders).
+
+    :return: inbound descriptors; each name must be unique and is what an ``inbound[].channel``
+        names in the YAML.
     """
     raise NotImplementedError
 

@@ -57,6 +57,17 @@ class ConnectorType:
 
 
 @dataclass(frozen=True)
+class InboundType:
+    """An inbound channel type: ``open(options, sink, name)`` builds a channel that is started
+    by the engine and hands what it receives to ``sink`` (see ``medcourier.engine.inbound``)."""
+
+    name: str
+    options_model: type[BaseModel]
+    open: Callable[[Any, Any, str], Any]
+    description: str = ""
+
+
+@dataclass(frozen=True)
 class CliCommand:
     """A ``medcourier`` sub-command contributed by a plugin."""
 
@@ -74,6 +85,9 @@ class Plugins:
         self.formats: dict[str, FormatType] = _index(pm.hook.medcourier_formats(), "format")
         self.connectors: dict[str, ConnectorType] = _index(
             pm.hook.medcourier_connectors(), "connector"
+        )
+        self.inbound: dict[str, InboundType] = _index(
+            pm.hook.medcourier_inbound_channels(), "inbound channel"
         )
         self.commands: dict[str, CliCommand] = _index(pm.hook.medcourier_cli_commands(), "command")
 
