@@ -56,6 +56,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def fresh_database(name: str, drop: bool = False) -> str:
+    """Each run gets its own PostgreSQL database, so tables never carry over between runs."""
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(
+        POSTGRES.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
+    )
+    with admin.connect() as c:
+        if drop:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        else:
+            c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return POSTGRES.rsplit("/", 1)[0] + f"/{name}"
+
+
 def config(data_dir: Path, http_port: int, ehr_port: int, backend: str, instance: str) -> str:
     cfg: dict[str, Any] = {
         "instance": instance,
@@ -75,7 +91,7 @@ def config(data_dir: Path, http_port: int, ehr_port: int, backend: str, instance
     }
     if backend == "rabbitmq":
         cfg["broker"] = RABBIT
-        cfg["store"] = POSTGRES
+        cfg["store"] = fresh_database(instance.replace("-", "_"))
     return yaml.safe_dump(cfg)
 
 
@@ -105,9 +121,17 @@ async def run_case(backend: str, size: int, count: int, concurrency: int) -> dic
         # BENCH_WRAP="py-spy record -o profile.svg --" profiles the engine process
         wrap = os.environ.get("BENCH_WRAP", "").split()
         proc = subprocess.Popen(
-            [*wrap, sys.executable, "-m", "medcourier.engine.cli", "run", "--config",
-             str(cfg_path)],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                *wrap,
+                sys.executable,
+                "-m",
+                "medcourier.engine.cli",
+                "run",
+                "--config",
+                str(cfg_path),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         base = f"http://127.0.0.1:{http_port}"
         try:
@@ -120,8 +144,8 @@ async def run_case(backend: str, size: int, count: int, concurrency: int) -> dic
             await ehr.stop()
             if backend == "rabbitmq":
                 cleanup_amqp(instance)
-    return {"backend": backend, "size": size, "count": count, "concurrency": concurrency,
-            **result}
+                fresh_database(instance.replace("-", "_"), drop=True)
+    return {"backend": backend, "size": size, "count": count, "concurrency": concurrency, **result}
 
 
 def cleanup_amqp(instance: str) -> None:
@@ -137,16 +161,26 @@ async def load(
 ) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {TOKEN}"}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=120,
-                                 limits=limits) as c:
-        patient = (await c.post("/fhir/Patient", json={
-            "resourceType": "Patient", "name": [{"family": "Bench", "given": ["Load"]}],
-            "identifier": [{"system": "urn:oid:1.2.250.1.999.1", "value": "BENCH-1"}],
-        })).json()["id"]
-        body = json.dumps({"resourceType": "Parameters", "parameter": [
-            {"name": "subject", "valueReference": {"reference": f"Patient/{patient}"}},
-            {"name": "payload", "valueString": base64.b64encode(pdf(size)).decode()},
-        ]}).encode()
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=120, limits=limits) as c:
+        patient = (
+            await c.post(
+                "/fhir/Patient",
+                json={
+                    "resourceType": "Patient",
+                    "name": [{"family": "Bench", "given": ["Load"]}],
+                    "identifier": [{"system": "urn:oid:1.2.250.1.999.1", "value": "BENCH-1"}],
+                },
+            )
+        ).json()["id"]
+        body = json.dumps(
+            {
+                "resourceType": "Parameters",
+                "parameter": [
+                    {"name": "subject", "valueReference": {"reference": f"Patient/{patient}"}},
+                    {"name": "payload", "valueString": base64.b64encode(pdf(size)).decode()},
+                ],
+            }
+        ).encode()
         submitted: dict[str, float] = {}
         errors = 0
         queue: asyncio.Queue[int] = asyncio.Queue()
@@ -158,8 +192,11 @@ async def load(
             while not queue.empty():
                 queue.get_nowait()
                 t0 = time.time()
-                r = await c.post("/fhir/CommunicationRequest/$send-to-ehr", content=body,
-                                 headers={"Content-Type": "application/fhir+json"})
+                r = await c.post(
+                    "/fhir/CommunicationRequest/$send-to-ehr",
+                    content=body,
+                    headers={"Content-Type": "application/fhir+json"},
+                )
                 if r.status_code != 200:
                     errors += 1
                     continue
@@ -177,8 +214,11 @@ async def load(
         last_done = start
         for txid, t0 in submitted.items():
             for _ in range(200):
-                bundle = (await c.get("/fhir/CommunicationRequest/$tracking",
-                                      params={"transaction-id": txid})).json()
+                bundle = (
+                    await c.get(
+                        "/fhir/CommunicationRequest/$tracking", params={"transaction-id": txid}
+                    )
+                ).json()
                 comm = bundle["entry"][0]["resource"]
                 if comm["status"] == "completed":
                     done = datetime.fromisoformat(comm["sent"]).timestamp()
@@ -223,8 +263,20 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    cols = ["backend", "size", "count", "concurrency", "completed", "errors", "accept_per_s",
-            "docs_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms"]
+    cols = [
+        "backend",
+        "size",
+        "count",
+        "concurrency",
+        "completed",
+        "errors",
+        "accept_per_s",
+        "docs_per_s",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "max_ms",
+    ]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for row in rows:

@@ -169,7 +169,7 @@ class Running:
     def document_count(self) -> int:
         import sqlalchemy as sa
 
-        from medcourier.engine.store import documents
+        from medcourier.engine.schema import documents
 
         with self.engine.store.sync.engine.connect() as c:
             return int(c.execute(sa.select(sa.func.count()).select_from(documents)).scalar_one())

@@ -124,3 +124,35 @@ def postgres_url() -> str:
         "(pg_ctlcluster … start, or your service manager), or start Docker so testcontainers "
         "can run one.",
     )
+
+
+def fresh_postgres_url() -> str:
+    """A new, empty database on the PostgreSQL server, dropped when the test process exits.
+
+    The store creates its schema on start; a database per test session means a schema change
+    never meets tables an older run left behind, and runs never see each other's rows.
+    """
+    if "fresh_postgres" in _cache:
+        return _cache["fresh_postgres"]
+    import uuid
+
+    import sqlalchemy as sa
+
+    base = postgres_url()
+    admin_url = base.replace("postgresql://", "postgresql+psycopg://", 1)
+    name = f"mctest_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+
+    def drop() -> None:
+        eng = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        with eng.connect() as c:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        eng.dispose()
+
+    atexit.register(drop)
+    url = base.rsplit("/", 1)[0] + f"/{name}"
+    _cache["fresh_postgres"] = url
+    return url

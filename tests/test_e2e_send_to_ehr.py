@@ -22,7 +22,7 @@ from hl7apy.parser import parse_message
 
 from medcourier.channels.mllp.simulator import EhrSimulator
 from tests.harness import LoopThread, Running, free_port, pdf_bytes, running_engine
-from tests.services import postgres_url, rabbitmq_url
+from tests.services import fresh_postgres_url, rabbitmq_url
 
 FAMILY = "Dupont|O'Brien^&~\\"
 GIVEN = "Zoé\nMarie"
@@ -44,7 +44,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
         yield {"instance": instance}
         return
     url = rabbitmq_url()
-    yield {"instance": instance, "broker": url, "store": postgres_url()}
+    yield {"instance": instance, "broker": url, "store": fresh_postgres_url()}
     _delete_amqp(url, instance, ["ehr-a"])
 
 

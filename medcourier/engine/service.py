@@ -18,12 +18,13 @@ import structlog
 import uvicorn
 
 from medcourier.engine.broker import Broker, WorkItem, open_broker
+from medcourier.engine.clock import now
 from medcourier.engine.config import Config
 from medcourier.engine.errors import BrokerError
 from medcourier.engine.model import Status
 from medcourier.engine.plugins import Plugins
 from medcourier.engine.router import Router
-from medcourier.engine.store import AsyncStore, Store, now
+from medcourier.engine.store import AsyncStore, Store
 from medcourier.engine.txid import new_transaction_id
 from medcourier.engine.worker import RouteWorker
 

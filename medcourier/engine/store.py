@@ -12,8 +12,6 @@ allows); PostgreSQL several.
 from __future__ import annotations
 
 import asyncio
-import json
-import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,89 +22,20 @@ from typing import Any, ParamSpec, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from medcourier.engine.clock import now
+from medcourier.engine.directory import (
+    DirectoryStore,
+    encounter_resource,
+    live_patient_resource,
+)
 from medcourier.engine.model import Document, Status
-
-metadata = sa.MetaData()
-
-patients = sa.Table(
-    "patients",
+from medcourier.engine.schema import (
+    deliveries,
+    documents,
     metadata,
-    sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("organization", sa.String(200), index=True),
-    sa.Column("resource", sa.Text, nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    payloads,
+    status_events,
 )
-
-patient_identifiers = sa.Table(
-    "patient_identifiers",
-    metadata,
-    sa.Column("patient_id", sa.String(64), sa.ForeignKey("patients.id"), nullable=False),
-    sa.Column("system", sa.String(400), nullable=False),
-    sa.Column("value", sa.String(400), nullable=False),
-    sa.Index("ix_patient_identifiers_value", "value", "system"),
-    sa.Index("ix_patient_identifiers_patient", "patient_id"),
-)
-
-encounters = sa.Table(
-    "encounters",
-    metadata,
-    sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("patient_id", sa.String(64), index=True),
-    sa.Column("organization", sa.String(200), index=True),
-    sa.Column("resource", sa.Text, nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-)
-
-documents = sa.Table(
-    "documents",
-    metadata,
-    sa.Column("transaction_id", sa.String(20), primary_key=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("content_type", sa.String(100), nullable=False),
-    sa.Column("document_type", sa.String(40), nullable=False),
-    sa.Column("title", sa.Text, nullable=False),
-    sa.Column("sender_identifier", sa.String(40)),
-    sa.Column("sender_application", sa.String(200), nullable=False),
-    sa.Column("patient_id", sa.String(64), nullable=False, index=True),
-    sa.Column("encounter_id", sa.String(64)),
-    sa.Column("payload_size", sa.BigInteger, nullable=False),
-)
-
-# Payloads apart from metadata: they are pruned sooner and are never read by tracking.
-payloads = sa.Table(
-    "payloads",
-    metadata,
-    sa.Column("transaction_id", sa.String(20), primary_key=True),
-    sa.Column("data", sa.LargeBinary, nullable=False),
-)
-
-deliveries = sa.Table(
-    "deliveries",
-    metadata,
-    sa.Column("transaction_id", sa.String(20), primary_key=True),
-    sa.Column("route", sa.String(63), primary_key=True),
-    sa.Column("status", sa.String(20), nullable=False),
-    sa.Column("status_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("sent_at", sa.DateTime(timezone=True)),
-    sa.Column("reason", sa.Text),
-    sa.Column("attempts", sa.Integer, nullable=False, default=0),
-    sa.Index("ix_deliveries_status", "status"),
-)
-
-status_events = sa.Table(
-    "status_events",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("transaction_id", sa.String(20), nullable=False, index=True),
-    sa.Column("route", sa.String(63), nullable=False),
-    sa.Column("status", sa.String(20), nullable=False),
-    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("reason", sa.Text),
-)
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -145,7 +74,7 @@ class Claim:
     document: Document | None
 
 
-class Store:
+class Store(DirectoryStore):
     """Synchronous access to the schema; see ``AsyncStore`` for use from the event loop."""
 
     def __init__(self, url: str | None, data_dir: Path) -> None:
@@ -168,66 +97,6 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
-
-    # -- directory -------------------------------------------------------------------------
-    def put_patient(self, resource: dict[str, Any], organization: str | None) -> dict[str, Any]:
-        resource = _stamp(resource)
-        with self.engine.begin() as c:
-            c.execute(
-                patients.insert().values(
-                    id=resource["id"],
-                    organization=organization,
-                    resource=json.dumps(resource),
-                    updated_at=now(),
-                )
-            )
-            rows = [
-                {"patient_id": resource["id"], "system": s, "value": v}
-                for s, v in _identifiers(resource)
-            ]
-            if rows:
-                c.execute(patient_identifiers.insert(), rows)
-        return resource
-
-    def get_patient(self, patient_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as c:
-            return _resource(c, patients, patient_id)
-
-    def search_patients(self, system: str | None, value: str | None) -> list[dict[str, Any]]:
-        """FHIR token search: ``system|value``, ``|value`` (no system), ``value``, ``system|``."""
-        q = sa.select(patients.c.resource).distinct()
-        q = q.join(patient_identifiers, patient_identifiers.c.patient_id == patients.c.id)
-        if value:
-            q = q.where(patient_identifiers.c.value == value)
-        if system is not None:
-            q = q.where(patient_identifiers.c.system == system)
-        with self.engine.connect() as c:
-            return [json.loads(r[0]) for r in c.execute(q.order_by(patients.c.resource))]
-
-    def put_encounter(
-        self, resource: dict[str, Any], patient_id: str, organization: str | None
-    ) -> dict[str, Any]:
-        resource = _stamp(resource)
-        with self.engine.begin() as c:
-            c.execute(
-                encounters.insert().values(
-                    id=resource["id"],
-                    patient_id=patient_id,
-                    organization=organization,
-                    resource=json.dumps(resource),
-                    updated_at=now(),
-                )
-            )
-        return resource
-
-    def get_encounter(self, encounter_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as c:
-            return _resource(c, encounters, encounter_id)
-
-    def search_encounters(self, patient_id: str) -> list[dict[str, Any]]:
-        q = sa.select(encounters.c.resource).where(encounters.c.patient_id == patient_id)
-        with self.engine.connect() as c:
-            return [json.loads(r[0]) for r in c.execute(q.order_by(encounters.c.updated_at))]
 
     # -- documents -------------------------------------------------------------------------
     def accept_document(
@@ -344,11 +213,11 @@ class Store:
         payload = c.execute(
             sa.select(payloads.c.data).where(payloads.c.transaction_id == transaction_id)
         ).scalar_one()
-        patient = _resource(c, patients, doc.patient_id) or {
+        patient = live_patient_resource(c, doc.patient_id) or {
             "resourceType": "Patient",
             "id": doc.patient_id,
         }
-        encounter = _resource(c, encounters, doc.encounter_id) if doc.encounter_id else None
+        encounter = encounter_resource(c, doc.encounter_id) if doc.encounter_id else None
         created = _aware(doc.created_at)
         assert created is not None
         return Document(
@@ -438,27 +307,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
-
-
-def _stamp(resource: dict[str, Any]) -> dict[str, Any]:
-    out = dict(resource)
-    out["id"] = uuid.uuid4().hex
-    out["meta"] = {"versionId": "1", "lastUpdated": now().isoformat(timespec="milliseconds")}
-    return out
-
-
-def _identifiers(resource: dict[str, Any]) -> list[tuple[str, str]]:
-    found = []
-    for ident in resource.get("identifier") or []:
-        value = ident.get("value")
-        if isinstance(value, str) and value:
-            found.append((str(ident.get("system") or ""), value))
-    return found
-
-
-def _resource(c: Connection, table: sa.Table, rid: str) -> dict[str, Any] | None:
-    row = c.execute(sa.select(table.c.resource).where(table.c.id == rid)).first()
-    return json.loads(row[0]) if row else None
 
 
 def _delivery(r: Any) -> DeliveryRow:

@@ -14,11 +14,12 @@ from typing import Any
 import structlog
 
 from medcourier.engine.broker import WorkItem
+from medcourier.engine.clock import now
 from medcourier.engine.config import Route
 from medcourier.engine.errors import RenderError
 from medcourier.engine.model import Document, Outcome, Status
 from medcourier.engine.plugins import FormatType, Plugins, Sender
-from medcourier.engine.store import AsyncStore, now
+from medcourier.engine.store import AsyncStore
 
 log = structlog.get_logger("medcourier.worker")
 

@@ -1,0 +1,311 @@
+"""The patient and encounter directory in the store.
+
+Patients and encounters come from two doors: the FHIR API (create, read, search) and the
+hospital's ADT feed (create or update by identifier, discharge, cancel, merge). Both write the same
+rows, so a document posted to ``$send-to-ehr`` for a patient admitted over ADT routes to that
+hospital. Identifiers are indexed apart from the JSON so token search and ADT matching stay
+indexed lookups.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from medcourier.engine.clock import now
+from medcourier.engine.schema import (
+    documents,
+    encounter_identifiers,
+    encounters,
+    patient_identifiers,
+    patients,
+)
+
+# Merges can chain (A merged into B, later B into C); reads follow at most this many links.
+MAX_MERGE_CHAIN = 16
+
+
+def identifiers_of(resource: dict[str, Any]) -> list[tuple[str, str]]:
+    """(system, value) of every identifier with a value; a missing system is ''."""
+    found = []
+    for ident in resource.get("identifier") or []:
+        value = ident.get("value") if isinstance(ident, dict) else None
+        if isinstance(value, str) and value:
+            found.append((str(ident.get("system") or ""), value))
+    return found
+
+
+def _meta(version: int) -> dict[str, str]:
+    return {"versionId": str(version), "lastUpdated": now().isoformat(timespec="milliseconds")}
+
+
+class DirectoryStore:
+    """Directory operations; mixed into ``Store``, which provides ``self.engine``."""
+
+    engine: Engine
+
+    # -- FHIR API ------------------------------------------------------------------------------
+    def put_patient(self, resource: dict[str, Any], organization: str | None) -> dict[str, Any]:
+        with self.engine.begin() as c:
+            return _insert_patient(c, resource, organization)
+
+    def get_patient(self, patient_id: str) -> dict[str, Any] | None:
+        """The patient, or the survivor it was merged into (the retired id still resolves)."""
+        with self.engine.connect() as c:
+            row = _live_patient(c, patient_id)
+            return json.loads(row.resource) if row is not None else None
+
+    def search_patients(self, system: str | None, value: str | None) -> list[dict[str, Any]]:
+        """FHIR token search: ``system|value``, ``|value`` (no system), ``value``, ``system|``."""
+        q = sa.select(patients.c.resource).distinct()
+        q = q.join(patient_identifiers, patient_identifiers.c.patient_id == patients.c.id)
+        q = q.where(patients.c.merged_into.is_(None))
+        if value:
+            q = q.where(patient_identifiers.c.value == value)
+        if system is not None:
+            q = q.where(patient_identifiers.c.system == system)
+        with self.engine.connect() as c:
+            return [json.loads(r[0]) for r in c.execute(q.order_by(patients.c.resource))]
+
+    def put_encounter(
+        self, resource: dict[str, Any], patient_id: str, organization: str | None
+    ) -> dict[str, Any]:
+        with self.engine.begin() as c:
+            return _insert_encounter(c, resource, patient_id, organization)
+
+    def get_encounter(self, encounter_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as c:
+            return encounter_resource(c, encounter_id)
+
+    def search_encounters(self, patient_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as c:
+            live = _live_patient(c, patient_id)
+            if live is None:
+                return []
+            q = sa.select(encounters.c.resource).where(encounters.c.patient_id == live.id)
+            return [json.loads(r[0]) for r in c.execute(q.order_by(encounters.c.updated_at))]
+
+    def find_patient(self, identifiers: Iterable[tuple[str, str]]) -> dict[str, Any] | None:
+        """The live patient carrying any of these (system, value) identifiers."""
+        with self.engine.connect() as c:
+            pid = _patient_by_identifiers(c, list(identifiers))
+            row = _live_patient(c, pid) if pid else None
+            return json.loads(row.resource) if row is not None else None
+
+    def find_encounter(self, identifiers: Iterable[tuple[str, str]]) -> dict[str, Any] | None:
+        with self.engine.connect() as c:
+            eid = _encounter_by_identifiers(c, list(identifiers))
+            return self.get_encounter(eid) if eid else None
+
+    # -- ADT feed ----------------------------------------------------------------------------
+    def upsert_patient(
+        self, c: Connection, resource: dict[str, Any], organization: str | None
+    ) -> dict[str, Any]:
+        """Create the patient, or update the one sharing an identifier (identifiers are merged:
+        an update that lacks an identifier the directory knows does not drop it)."""
+        pid = _patient_by_identifiers(c, identifiers_of(resource))
+        row = _live_patient(c, pid) if pid else None
+        if row is None:
+            return _insert_patient(c, resource, organization)
+        old = json.loads(row.resource)
+        merged = {**old, **resource, "id": row.id}
+        known = identifiers_of(old)
+        extra = [
+            i
+            for i in (old.get("identifier") or [])
+            if (str(i.get("system") or ""), i.get("value")) not in set(identifiers_of(resource))
+        ]
+        merged["identifier"] = list(resource.get("identifier") or []) + extra
+        merged["meta"] = _meta(int(old.get("meta", {}).get("versionId", "1")) + 1)
+        c.execute(
+            patients.update()
+            .where(patients.c.id == row.id)
+            .values(
+                resource=json.dumps(merged),
+                organization=organization or row.organization,
+                updated_at=now(),
+            )
+        )
+        new_ids = [x for x in identifiers_of(merged) if x not in known]
+        if new_ids:
+            c.execute(
+                patient_identifiers.insert(),
+                [{"patient_id": row.id, "system": s, "value": v} for s, v in new_ids],
+            )
+        return merged
+
+    def upsert_encounter(
+        self,
+        c: Connection,
+        resource: dict[str, Any],
+        patient_id: str,
+        organization: str | None,
+    ) -> dict[str, Any]:
+        """Create the encounter, or update the one with the same visit number."""
+        resource = {**resource, "subject": {"reference": f"Patient/{patient_id}"}}
+        if organization and "serviceProvider" not in resource:
+            resource["serviceProvider"] = {"reference": organization}
+        eid = _encounter_by_identifiers(c, identifiers_of(resource))
+        if eid is None:
+            return _insert_encounter(c, resource, patient_id, organization)
+        old_row = c.execute(sa.select(encounters).where(encounters.c.id == eid)).one()
+        old = json.loads(old_row.resource)
+        merged = {**old, **resource, "id": eid}
+        if "period" in old or "period" in resource:
+            merged["period"] = {**old.get("period", {}), **resource.get("period", {})}
+        merged["meta"] = _meta(int(old.get("meta", {}).get("versionId", "1")) + 1)
+        c.execute(
+            encounters.update()
+            .where(encounters.c.id == eid)
+            .values(
+                resource=json.dumps(merged),
+                patient_id=patient_id,
+                organization=organization or old_row.organization,
+                updated_at=now(),
+            )
+        )
+        return merged
+
+    def merge_patients(
+        self, c: Connection, survivor_id: str, retired: Iterable[tuple[str, str]]
+    ) -> list[str]:
+        """ADT^A40: move encounters, documents and identifiers of the retired patient(s) to the
+        survivor; the retired ids keep resolving to it. Returns the retired patient ids."""
+        gone: list[str] = []
+        for system, value in retired:
+            pid = _patient_by_identifiers(c, [(system, value)], exclude=survivor_id)
+            if pid is None or pid in gone:
+                continue
+            gone.append(pid)
+            c.execute(patients.update().where(patients.c.id == pid).values(merged_into=survivor_id))
+            c.execute(
+                patient_identifiers.update()
+                .where(patient_identifiers.c.patient_id == pid)
+                .values(patient_id=survivor_id)
+            )
+            c.execute(
+                documents.update()
+                .where(documents.c.patient_id == pid)
+                .values(patient_id=survivor_id)
+            )
+            for row in c.execute(
+                sa.select(encounters.c.id, encounters.c.resource).where(
+                    encounters.c.patient_id == pid
+                )
+            ).all():
+                res = json.loads(row.resource)
+                res["subject"] = {"reference": f"Patient/{survivor_id}"}
+                c.execute(
+                    encounters.update()
+                    .where(encounters.c.id == row.id)
+                    .values(patient_id=survivor_id, resource=json.dumps(res), updated_at=now())
+                )
+        if gone:
+            # the survivor's resource lists every identifier it now answers to
+            row = c.execute(sa.select(patients).where(patients.c.id == survivor_id)).one()
+            res = json.loads(row.resource)
+            have = set(identifiers_of(res))
+            for pid in gone:
+                old = json.loads(
+                    c.execute(
+                        sa.select(patients.c.resource).where(patients.c.id == pid)
+                    ).scalar_one()
+                )
+                for ident in old.get("identifier") or []:
+                    key = (str(ident.get("system") or ""), ident.get("value"))
+                    if key not in have:
+                        res.setdefault("identifier", []).append({**ident, "use": "old"})
+                        have.add(key)
+            c.execute(
+                patients.update()
+                .where(patients.c.id == survivor_id)
+                .values(resource=json.dumps(res), updated_at=now())
+            )
+        return gone
+
+
+def _insert_patient(
+    c: Connection, resource: dict[str, Any], organization: str | None
+) -> dict[str, Any]:
+    out = {**resource, "id": uuid.uuid4().hex, "meta": _meta(1)}
+    c.execute(
+        patients.insert().values(
+            id=out["id"], organization=organization, resource=json.dumps(out), updated_at=now()
+        )
+    )
+    rows = [{"patient_id": out["id"], "system": s, "value": v} for s, v in identifiers_of(out)]
+    if rows:
+        c.execute(patient_identifiers.insert(), rows)
+    return out
+
+
+def _insert_encounter(
+    c: Connection, resource: dict[str, Any], patient_id: str, organization: str | None
+) -> dict[str, Any]:
+    out = {**resource, "id": uuid.uuid4().hex, "meta": _meta(1)}
+    c.execute(
+        encounters.insert().values(
+            id=out["id"],
+            patient_id=patient_id,
+            organization=organization,
+            resource=json.dumps(out),
+            updated_at=now(),
+        )
+    )
+    rows = [{"encounter_id": out["id"], "system": s, "value": v} for s, v in identifiers_of(out)]
+    if rows:
+        c.execute(encounter_identifiers.insert(), rows)
+    return out
+
+
+def encounter_resource(c: Connection, encounter_id: str) -> dict[str, Any] | None:
+    row = c.execute(sa.select(encounters.c.resource).where(encounters.c.id == encounter_id)).first()
+    return json.loads(row[0]) if row else None
+
+
+def live_patient_resource(c: Connection, patient_id: str) -> dict[str, Any] | None:
+    row = _live_patient(c, patient_id)
+    return json.loads(row.resource) if row is not None else None
+
+
+def _live_patient(c: Connection, patient_id: str) -> Any:
+    """The patient row, following merges to the survivor."""
+    current = patient_id
+    for _ in range(MAX_MERGE_CHAIN):
+        row = c.execute(sa.select(patients).where(patients.c.id == current)).first()
+        if row is None or row.merged_into is None:
+            return row
+        current = row.merged_into
+    return None
+
+
+def _patient_by_identifiers(
+    c: Connection, idents: list[tuple[str, str]], exclude: str | None = None
+) -> str | None:
+    for system, value in idents:
+        q = sa.select(patient_identifiers.c.patient_id).where(
+            patient_identifiers.c.value == value, patient_identifiers.c.system == system
+        )
+        if exclude:
+            q = q.where(patient_identifiers.c.patient_id != exclude)
+        found = c.execute(q.limit(1)).scalar()
+        if found:
+            return str(found)
+    return None
+
+
+def _encounter_by_identifiers(c: Connection, idents: list[tuple[str, str]]) -> str | None:
+    for system, value in idents:
+        found = c.execute(
+            sa.select(encounter_identifiers.c.encounter_id)
+            .where(encounter_identifiers.c.value == value, encounter_identifiers.c.system == system)
+            .limit(1)
+        ).scalar()
+        if found:
+            return str(found)
+    return None
