@@ -75,6 +75,7 @@ def test_every_hook_is_documented_and_prefixed() -> None:
         "medcourier_validate",
         "medcourier_status_changed",
         "medcourier_inbound_channels",
+        "medcourier_interpret_message",
         "medcourier_cli_commands",
     }
     for name, fn in specs:

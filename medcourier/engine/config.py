@@ -111,6 +111,12 @@ class Settings(_Strict):
     tokens: list[TokenSettings] = Field(default_factory=list)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     routes: list[RouteSettings] = Field(default_factory=list)
+    inbound: list[dict[str, Any]] = Field(
+        default_factory=list, description="Listeners and drop folders: name, channel, options"
+    )
+    duplicate_window_hours: float = Field(
+        24, gt=0, description="A message resent within this window is ACKed, not processed"
+    )
 
     @field_validator("broker", "store")
     @classmethod
@@ -129,13 +135,29 @@ class Route:
         self.deliver_options = deliver_options
 
 
+class Inbound:
+    """An inbound channel with its options parsed by the channel's plugin."""
+
+    def __init__(self, name: str, channel: str, options: Any) -> None:
+        self.name = name
+        self.channel = channel
+        self.options = options
+
+
 class Config:
     """A checked configuration: core settings plus routes whose plugin options were validated."""
 
-    def __init__(self, settings: Settings, routes: list[Route], source: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        routes: list[Route],
+        source: str,
+        inbound: list[Inbound] | None = None,
+    ) -> None:
         self.settings = settings
         self.routes = routes
         self.source = source
+        self.inbound = inbound or []
 
 
 def interpolate(value: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
@@ -233,9 +255,40 @@ def parse_config(
         routes.append(Route(rs, format_options, deliver_options))
     if sum(1 for r in settings.routes if r.match.fallback) > 1:
         problems.append("routes: at most one route may have match.fallback: true")
+    inbound = _inbound(settings, plugins, problems)
     if problems:
         raise ConfigError(problems, source)
-    return Config(settings, routes, source)
+    return Config(settings, routes, source, inbound)
+
+
+def _inbound(settings: Settings, plugins: Plugins, problems: list[str]) -> list[Inbound]:
+    found: list[Inbound] = []
+    names: set[str] = set()
+    for i, raw in enumerate(settings.inbound):
+        where = f"inbound[{i}]"
+        name = raw.get("name")
+        if not isinstance(name, str) or not ROUTE_NAME.fullmatch(name):
+            problems.append(f"{where}.name: required: letters, digits, '.', '_' or '-'")
+            continue
+        if name in names:
+            problems.append(f"{where}.name: duplicate inbound name {name!r}")
+        names.add(name)
+        kind = plugins.inbound.get(str(raw.get("channel")))
+        if kind is None:
+            known = ", ".join(sorted(plugins.inbound)) or "none"
+            problems.append(
+                f"{where}.channel: unknown inbound channel {raw.get('channel')!r} (known: {known})"
+            )
+            continue
+        try:
+            options = kind.options_model.model_validate(
+                {k: v for k, v in raw.items() if k != "name"}
+            )
+        except ValidationError as exc:
+            problems.extend(_errors(exc, where))
+            continue
+        found.append(Inbound(name, kind.name, options))
+    return found
 
 
 def load_config(path: str | Path, plugins: Plugins, env: Mapping[str, str] | None = None) -> Config:

@@ -102,6 +102,16 @@ class DirectoryStore:
             eid = _encounter_by_identifiers(c, list(identifiers))
             return self.get_encounter(eid) if eid else None
 
+    def find_encounter_by_value(self, value: str) -> dict[str, Any] | None:
+        """An encounter by visit number whatever its system (drop-folder sidecars give only the
+        number)."""
+        q = sa.select(encounter_identifiers.c.encounter_id).where(
+            encounter_identifiers.c.value == value
+        )
+        with self.engine.connect() as c:
+            eid = c.execute(q.limit(1)).scalar()
+            return encounter_resource(c, str(eid)) if eid else None
+
     # -- ADT feed ----------------------------------------------------------------------------
     def upsert_patient(
         self, c: Connection, resource: dict[str, Any], organization: str | None

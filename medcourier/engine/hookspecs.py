@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from medcourier.engine.inbound import InboundMessage, Interpretation
     from medcourier.engine.model import Document, Issue, Status
     from medcourier.engine.plugins import CliCommand, ConnectorType, FormatType, InboundType
 
@@ -47,6 +48,18 @@ def medcourier_inbound_channels() -> list[InboundType]:
         names in the YAML.
     """
     raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def medcourier_interpret_message(message: InboundMessage) -> Interpretation | None:
+    """Say what an inbound message means: a directory update or documents to route.
+
+    Stops at the first non-None result. Raise ``InboundError`` (with an HL7 ERR-2 location) for
+    a message of your kind whose content is wrong; return None for a message you do not handle.
+
+    :param message: the message as an inbound channel received and decoded it.
+    :return: a ``DirectoryUpdate`` or ``MessageDocuments``, or None.
+    """
 
 
 @hookspec

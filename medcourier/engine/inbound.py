@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Verdict(enum.StrEnum):
@@ -87,3 +87,45 @@ class InboundChannel(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+class InboundError(Exception):
+    """A message or file whose content is wrong; answered AE (or error/) with this text.
+
+    ``location`` follows HL7 ERR-2 (``segment^sequence^field``, e.g. ``PID^1^3``) when known.
+    """
+
+    def __init__(self, text: str, location: str | None = None) -> None:
+        super().__init__(text)
+        self.text = text
+        self.location = location
+
+
+@dataclass(frozen=True)
+class DirectoryUpdate:
+    """What an admission/discharge/transfer message means for the directory.
+
+    ``patient`` and ``encounter`` are FHIR R4 resources without ``id``: the directory finds the
+    existing ones by identifier (IPP, INS, visit number) or creates them.
+    """
+
+    kind: str  # upsert, discharge, cancel-admit, cancel-discharge, merge
+    patient: dict[str, Any]
+    organization: str | None = None
+    encounter: dict[str, Any] | None = None
+    merge_from: tuple[PatientIdentifier, ...] = ()
+    event: str = ""  # e.g. "ADT^A01", for logs and the audit trail
+
+
+@dataclass(frozen=True)
+class MessageDocuments:
+    """A message carrying documents (ORU, MDM): the patient it is about, and the documents."""
+
+    patient: dict[str, Any]
+    documents: tuple[InboundDocument, ...]
+    organization: str | None = None
+    encounter: dict[str, Any] | None = None
+    event: str = ""
+
+
+Interpretation = DirectoryUpdate | MessageDocuments

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import sqlalchemy.exc
 import structlog
@@ -21,6 +21,8 @@ from medcourier.engine.broker import Broker, WorkItem, open_broker
 from medcourier.engine.clock import now
 from medcourier.engine.config import Config
 from medcourier.engine.errors import BrokerError
+from medcourier.engine.inbound import InboundChannel
+from medcourier.engine.inbound_sink import EngineSink
 from medcourier.engine.model import Status
 from medcourier.engine.plugins import Plugins
 from medcourier.engine.router import Router
@@ -55,6 +57,8 @@ class SubmitRequest:
     sender_application: str
     payload: bytes
     organizations: frozenset[str] = frozenset()
+    # (sender, message id) of an inbound message, remembered with the document to spot resends
+    dedupe: tuple[str, str] | None = None
 
 
 class Engine:
@@ -70,6 +74,7 @@ class Engine:
         self.router = Router(config.routes)
         self.workers: dict[str, RouteWorker] = {}
         self.base_url = s.http.base_url()
+        self.inbound: list[InboundChannel] = []
         self._server: uvicorn.Server | None = None
         self._server_task: asyncio.Task[None] | None = None
 
@@ -89,6 +94,7 @@ class Engine:
             await self.broker.consume(route.name, worker.handle)
         if http:
             await self._start_http()
+        await self._start_inbound()
         log.info(
             "engine started",
             routes=names,
@@ -108,6 +114,15 @@ class Engine:
                 await self.broker.publish(WorkItem(txid, route))
         if pending:
             log.info("work recovered from the store", count=len(pending))
+
+    async def _start_inbound(self) -> None:
+        """Listeners and folders start last: by then everything they hand work to is running."""
+        window = timedelta(hours=self.config.settings.duplicate_window_hours)
+        sink = EngineSink(self, window)
+        for spec in self.config.inbound:
+            channel = self.plugins.inbound[spec.channel].open(spec.options, sink, spec.name)
+            await channel.start()
+            self.inbound.append(channel)
 
     async def _start_http(self) -> None:
         from medcourier.engine.api.app import create_app
@@ -137,6 +152,9 @@ class Engine:
         return int(self._server.servers[0].sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
+        # Inbound first: nothing new is accepted while the rest shuts down.
+        for channel in reversed(self.inbound):
+            await channel.stop()
         if self._server is not None and self._server_task is not None:
             self._server.should_exit = True
             await self._server_task
@@ -172,6 +190,7 @@ class Engine:
                     encounter_id=req.encounter_id,
                     payload=req.payload,
                     routes=[r.name for r in routes],
+                    dedupe=req.dedupe,
                 )
                 break
             except sqlalchemy.exc.IntegrityError:

@@ -15,7 +15,7 @@ import asyncio
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -28,10 +28,12 @@ from medcourier.engine.directory import (
     encounter_resource,
     live_patient_resource,
 )
+from medcourier.engine.inbound import DirectoryUpdate
 from medcourier.engine.model import Document, Status
 from medcourier.engine.schema import (
     deliveries,
     documents,
+    inbound_log,
     metadata,
     payloads,
     status_events,
@@ -113,8 +115,13 @@ class Store(DirectoryStore):
         encounter_id: str | None,
         payload: bytes,
         routes: Iterable[str],
+        dedupe: tuple[str, str] | None = None,
     ) -> None:
-        """Commit a document, its payload and one delivery per route (preparation) at once."""
+        """Commit a document, its payload and one delivery per route (preparation) at once.
+
+        ``dedupe`` (sender, message id) is remembered in the same transaction, so a sender that
+        resends after a lost ACK finds it, and the document is never half-remembered.
+        """
         at = now()
         route_list = list(routes)
         with self.engine.begin() as c:
@@ -133,6 +140,8 @@ class Store(DirectoryStore):
                 )
             )
             c.execute(payloads.insert().values(transaction_id=transaction_id, data=payload))
+            if dedupe is not None:
+                _remember(c, dedupe, [transaction_id])
             c.execute(
                 deliveries.insert(),
                 [
@@ -159,6 +168,41 @@ class Store(DirectoryStore):
                     for r in route_list
                 ],
             )
+
+    def seen(self, sender: str, message_id: str, window: timedelta) -> list[str] | None:
+        """The transaction ids of a message this sender already sent within ``window``."""
+        q = sa.select(inbound_log.c.transaction_ids, inbound_log.c.received_at).where(
+            inbound_log.c.sender == sender, inbound_log.c.message_id == message_id
+        )
+        with self.engine.connect() as c:
+            row = c.execute(q).first()
+        if row is None or (_aware(row.received_at) or now()) < now() - window:
+            return None
+        return [t for t in row.transaction_ids.split(",") if t]
+
+    def remember(self, sender: str, message_id: str, transaction_ids: list[str]) -> None:
+        with self.engine.begin() as c:
+            _remember(c, (sender, message_id), transaction_ids)
+
+    def apply_directory_update(
+        self, update: DirectoryUpdate, dedupe: tuple[str, str] | None = None
+    ) -> tuple[str, str | None]:
+        """Apply an ADT event in one transaction; returns (patient id, encounter id)."""
+        with self.engine.begin() as c:
+            patient = self.upsert_patient(c, update.patient, update.organization)
+            encounter_id = None
+            if update.encounter is not None:
+                encounter = self.upsert_encounter(
+                    c, update.encounter, patient["id"], update.organization
+                )
+                encounter_id = encounter["id"]
+            if update.merge_from:
+                self.merge_patients(
+                    c, patient["id"], [(i.system, i.value) for i in update.merge_from]
+                )
+            if dedupe is not None:
+                _remember(c, dedupe, [])
+        return patient["id"], encounter_id
 
     def transaction_exists(self, transaction_id: str) -> bool:
         with self.engine.connect() as c:
@@ -307,6 +351,23 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def _remember(c: Connection, dedupe: tuple[str, str], transaction_ids: list[str]) -> None:
+    sender, message_id = dedupe
+    c.execute(
+        inbound_log.delete().where(
+            inbound_log.c.sender == sender, inbound_log.c.message_id == message_id
+        )
+    )
+    c.execute(
+        inbound_log.insert().values(
+            sender=sender,
+            message_id=message_id,
+            received_at=now(),
+            transaction_ids=",".join(transaction_ids),
+        )
+    )
 
 
 def _delivery(r: Any) -> DeliveryRow:

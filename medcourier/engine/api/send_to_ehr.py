@@ -18,6 +18,7 @@ from stdnum import luhn
 
 from medcourier.engine.api.auth import Principal, require
 from medcourier.engine.api.fhir import FhirError, fhir_response, read_json
+from medcourier.engine.content import CONTENT_TYPES, default_title, organizations, sniff
 from medcourier.engine.errors import BrokerError
 from medcourier.engine.model import Status
 from medcourier.engine.service import Engine, NoRouteError, SubmitRequest
@@ -25,7 +26,6 @@ from medcourier.engine.store import DeliveryRow
 
 router = APIRouter()
 
-CONTENT_TYPES = ("application/pdf", "image/jpeg", "image/png", "application/txt")
 DEFAULT_CONTENT_TYPE = "application/pdf"
 DEFAULT_DOCUMENT_TYPE = "11488-4"
 # name -> the value[x] the seed uses for it
@@ -89,23 +89,6 @@ def _reference(value: str, expected: str) -> str:
     if m is None or m.group(1) != expected:
         raise invalid_reference(value)
     return m.group(2)
-
-
-def sniff(data: bytes) -> str | None:
-    """The content type the bytes really are, among the four accepted ones."""
-    if data.startswith(b"%PDF-") or b"%PDF-" in data[:1024]:
-        return "application/pdf"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    if any(ord(ch) < 32 and ch not in "\t\r\n\f" for ch in text[:65536]):
-        return None
-    return "application/txt"
 
 
 def _payload(value: str, limit: int) -> bytes:
@@ -205,24 +188,6 @@ def check(params: dict[str, Any], limit: int) -> _Checked:
         sender.strip() if sender else None,
         payload,
     )
-
-
-def organizations(patient: dict[str, Any], encounter: dict[str, Any] | None) -> frozenset[str]:
-    """The hospitals a document belongs to, which routes match on."""
-    refs = [(patient.get("managingOrganization") or {}).get("reference")]
-    if encounter is not None:
-        refs.append((encounter.get("serviceProvider") or {}).get("reference"))
-    return frozenset(r for r in refs if isinstance(r, str))
-
-
-def default_title(patient: dict[str, Any], document_type: str, transaction_id: str) -> str:
-    """The seed's nomenclature: last_name_first_name_birthdate_document_type_identifier."""
-    names = patient.get("name") or [{}]
-    name = next((n for n in names if n.get("use") == "official"), names[0])
-    family = name.get("family") or ""
-    given = (name.get("given") or [""])[0]
-    birth = (patient.get("birthDate") or "").replace("-", "")
-    return "_".join([family, given, birth, document_type, transaction_id])
 
 
 @router.post("/fhir/CommunicationRequest/$send-to-ehr")

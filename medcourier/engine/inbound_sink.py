@@ -1,0 +1,204 @@
+"""The engine side of inbound channels: dedupe, directory updates, documents to route.
+
+Channels (MLLP listeners, drop folders) call these coroutines and answer their sender only when
+they return, so every ``ACCEPT`` here means committed: the directory change or the document and
+its queue items are durable. Message meaning comes from plugins (``medcourier_interpret_message``),
+so the core parses no HL7 itself.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from medcourier.engine.content import default_title, organizations, sniff
+from medcourier.engine.errors import BrokerError
+from medcourier.engine.inbound import (
+    DirectoryUpdate,
+    InboundDocument,
+    InboundError,
+    InboundMessage,
+    InboundResult,
+    MessageDocuments,
+    Verdict,
+)
+
+if TYPE_CHECKING:
+    from medcourier.engine.service import Engine
+
+log = structlog.get_logger("medcourier.inbound")
+
+
+class EngineSink:
+    def __init__(self, engine: Engine, duplicate_window: timedelta) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.window = duplicate_window
+
+    async def hl7_message(self, message: InboundMessage) -> InboundResult:
+        sender = f"{message.channel}|{message.sending_application}|{message.sending_facility}"
+        dedupe = (sender, message.control_id) if message.control_id else None
+        if dedupe is not None:
+            earlier = await self.store.run(self.store.sync.seen, *dedupe, self.window)
+            if earlier is not None:
+                log.info(
+                    "duplicate message", channel=message.channel, control_id=message.control_id
+                )
+                return InboundResult(
+                    Verdict.ACCEPT,
+                    "duplicate of an accepted message",
+                    transaction_ids=tuple(earlier),
+                    duplicate=True,
+                )
+        try:
+            meaning = self.engine.plugins.hook.medcourier_interpret_message(message=message)
+        except InboundError as exc:
+            return InboundResult(Verdict.ERROR, exc.text, exc.location)
+        if meaning is None:
+            return InboundResult(
+                Verdict.REJECT, f"no plugin handles messages of type {message.message_type}"
+            )
+        try:
+            if isinstance(meaning, DirectoryUpdate):
+                await self.store.run(self.store.sync.apply_directory_update, meaning, dedupe)
+                log.info(
+                    "directory updated",
+                    channel=message.channel,
+                    event=meaning.event,
+                    kind=meaning.kind,
+                    control_id=message.control_id,
+                )
+                return InboundResult(Verdict.ACCEPT)
+            assert isinstance(meaning, MessageDocuments)
+            return await self._documents(meaning, dedupe)
+        except InboundError as exc:
+            return InboundResult(Verdict.ERROR, exc.text, exc.location)
+
+    async def _documents(
+        self, meaning: MessageDocuments, dedupe: tuple[str, str] | None
+    ) -> InboundResult:
+        """The patient (and visit) the message names are upserted, then each document routed.
+
+        The dedupe key goes with the last document: a resend after a crash mid-way re-sends the
+        first ones (at least once) rather than losing the rest.
+        """
+        update = DirectoryUpdate(
+            "upsert", meaning.patient, meaning.organization, meaning.encounter, event=meaning.event
+        )
+        patient_id, encounter_id = await self.store.run(
+            self.store.sync.apply_directory_update, update, None
+        )
+        patient = await self.store.run(self.store.sync.get_patient, patient_id)
+        encounter = (
+            await self.store.run(self.store.sync.get_encounter, encounter_id)
+            if encounter_id
+            else None
+        )
+        assert patient is not None
+        txids = []
+        for i, doc in enumerate(meaning.documents):
+            last = i == len(meaning.documents) - 1
+            txids.append(await self._submit(doc, patient, encounter, dedupe if last else None))
+        return InboundResult(Verdict.ACCEPT, transaction_ids=tuple(txids))
+
+    async def document(self, document: InboundDocument) -> InboundResult:
+        key = document.extra.get("idempotency_key")
+        dedupe = (f"{document.channel}|file", key) if key else None
+        if dedupe is not None:
+            earlier = await self.store.run(self.store.sync.seen, *dedupe, self.window)
+            if earlier is not None:
+                return InboundResult(
+                    Verdict.ACCEPT,
+                    "already accepted",
+                    transaction_ids=tuple(earlier),
+                    duplicate=True,
+                )
+        try:
+            patient = await self._patient(document)
+            encounter = await self._encounter(document, patient)
+            txid = await self._submit(document, patient, encounter, dedupe)
+        except InboundError as exc:
+            return InboundResult(Verdict.ERROR, exc.text, exc.location)
+        return InboundResult(Verdict.ACCEPT, transaction_ids=(txid,))
+
+    async def _patient(self, document: InboundDocument) -> dict[str, Any]:
+        sync = self.store.sync
+        if document.patient_reference:
+            pid = document.patient_reference.removeprefix("Patient/")
+            found = await self.store.run(sync.get_patient, pid)
+            if found is None:
+                raise InboundError(
+                    f"Resource contains reference to "
+                    f"{document.patient_reference} but this resource is not valid"
+                )
+            return found
+        idents = [(i.system, i.value) for i in document.patient_identifiers]
+        if not idents:
+            raise InboundError("the document names no patient (patient or patient_identifiers)")
+        found = await self.store.run(sync.find_patient, idents)
+        if found is None:
+            shown = ", ".join(f"{s}|{v}" if s else v for s, v in idents)
+            raise InboundError(f"no patient in the directory has the identifier {shown}")
+        return found
+
+    async def _encounter(
+        self, document: InboundDocument, patient: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        sync = self.store.sync
+        if document.encounter_reference:
+            eid = document.encounter_reference.removeprefix("Encounter/")
+            found = await self.store.run(sync.get_encounter, eid)
+        elif document.visit_number:
+            found = await self.store.run(sync.find_encounter_by_value, document.visit_number)
+        else:
+            return None
+        if found is None:
+            raise InboundError(
+                f"the encounter {document.encounter_reference or document.visit_number} "
+                "is not in the directory"
+            )
+        if (found.get("subject") or {}).get("reference") != f"Patient/{patient['id']}":
+            raise InboundError("the encounter does not belong to the document's patient")
+        return found
+
+    async def _submit(
+        self,
+        doc: InboundDocument,
+        patient: dict[str, Any],
+        encounter: dict[str, Any] | None,
+        dedupe: tuple[str, str] | None,
+    ) -> str:
+        from medcourier.engine.service import NoRouteError, SubmitRequest
+
+        limit = self.engine.config.settings.limits.max_document_bytes
+        if len(doc.payload) > limit:
+            raise InboundError(f"the document is larger than the limit of {limit} bytes")
+        actual = sniff(doc.payload)
+        if actual != doc.content_type:
+            seen = f"it looks like {actual}" if actual else "its type is not recognised"
+            raise InboundError(
+                f"the document does not match content type {doc.content_type}: {seen}"
+            )
+        request = SubmitRequest(
+            patient_id=patient["id"],
+            encounter_id=encounter["id"] if encounter else None,
+            content_type=doc.content_type,
+            document_type=doc.document_type,
+            title=doc.title,
+            sender_identifier=doc.sender_identifier,
+            sender_application=doc.sender_application or doc.channel,
+            payload=doc.payload,
+            organizations=organizations(patient, encounter),
+            dedupe=dedupe,
+        )
+        try:
+            return await self.engine.submit(
+                request, lambda txid: default_title(patient, doc.document_type, txid)
+            )
+        except NoRouteError as exc:
+            raise InboundError(str(exc)) from exc
+        except BrokerError as exc:
+            # not an error of the message: let the channel hold it (no ACK, file stays)
+            raise RuntimeError(f"queue unavailable: {exc}") from exc
