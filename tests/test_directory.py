@@ -1,0 +1,137 @@
+"""The directory as the ADT feed changes it: upserts by identifier, visits, merges, dedupe.
+
+Run on SQLite and on PostgreSQL (a fresh database): the same SQLAlchemy code serves both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from medcourier.engine.clock import now
+from medcourier.engine.inbound import DirectoryUpdate, PatientIdentifier
+from medcourier.engine.store import Store
+from tests.services import fresh_postgres_url
+
+IPP = "urn:oid:1.2.250.1.999.1"
+VISITS = "urn:oid:1.2.250.1.999.2"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    url = None if request.param == "sqlite" else fresh_postgres_url()
+    s = Store(url, tmp_path)
+    s.create_schema()
+    yield s
+    s.dispose()
+
+
+def _patient(ipp: str, family: str, **extra: object) -> dict[str, object]:
+    return {
+        "resourceType": "Patient",
+        "identifier": [{"system": IPP, "value": ipp}],
+        "name": [{"family": family, "given": ["Jean"]}],
+        **extra,
+    }
+
+
+def _visit(number: str, status: str = "in-progress", **extra: object) -> dict[str, object]:
+    return {
+        "resourceType": "Encounter",
+        "status": status,
+        "class": {"code": "IMP"},
+        "identifier": [{"system": VISITS, "value": number}],
+        **extra,
+    }
+
+
+def test_admit_then_update_keeps_one_patient_and_one_visit(store: Store) -> None:
+    org = "Organization/HOSPA"
+    pid, eid = store.apply_directory_update(
+        DirectoryUpdate(
+            "upsert",
+            _patient("P1", "Martin"),
+            org,
+            _visit("V1", period={"start": "2026-11-20T08:00:00+01:00"}),
+        )
+    )
+    ins = {"system": "urn:oid:1.2.250.1.213.1.4.8", "value": "180017512345617"}
+    pid2, eid2 = store.apply_directory_update(
+        DirectoryUpdate(
+            "upsert",
+            {
+                **_patient("P1", "Martin-Durand"),
+                "identifier": [{"system": IPP, "value": "P1"}, ins],
+            },
+            org,
+            _visit("V1", "finished", period={"end": "2026-11-21T10:00:00+01:00"}),
+        )
+    )
+    assert (pid2, eid2) == (pid, eid)
+    patient = store.get_patient(pid)
+    assert patient is not None
+    assert patient["name"][0]["family"] == "Martin-Durand"
+    assert patient["meta"]["versionId"] == "2"
+    assert [p["id"] for p in store.search_patients(ins["system"], ins["value"])] == [pid]
+    assert [p["id"] for p in store.search_patients(None, "P1")] == [pid]
+    assert eid is not None
+    encounter = store.get_encounter(eid)
+    assert encounter is not None
+    assert encounter["status"] == "finished"
+    assert encounter["period"] == {
+        "start": "2026-11-20T08:00:00+01:00",
+        "end": "2026-11-21T10:00:00+01:00",
+    }
+    assert encounter["subject"] == {"reference": f"Patient/{pid}"}
+    assert encounter["serviceProvider"] == {"reference": org}
+
+
+def test_merge_moves_visits_and_documents_and_the_retired_id_resolves(store: Store) -> None:
+    org = "Organization/HOSPA"
+    survivor, _ = store.apply_directory_update(
+        DirectoryUpdate("upsert", _patient("S1", "Good"), org)
+    )
+    retired, visit = store.apply_directory_update(
+        DirectoryUpdate("upsert", _patient("R1", "Dup"), org, _visit("V9"))
+    )
+    store.accept_document(
+        transaction_id="0" * 20,
+        created_at=now(),
+        content_type="application/pdf",
+        document_type="11488-4",
+        title="t",
+        sender_identifier=None,
+        sender_application="a",
+        patient_id=retired,
+        encounter_id=visit,
+        payload=b"%PDF-1",
+        routes=["r"],
+    )
+    store.apply_directory_update(
+        DirectoryUpdate(
+            "merge", _patient("S1", "Good"), org, merge_from=(PatientIdentifier(IPP, "R1"),)
+        )
+    )
+    resolved = store.get_patient(retired)
+    assert resolved is not None and resolved["id"] == survivor
+    assert [p["id"] for p in store.search_patients(IPP, "R1")] == [survivor]
+    assert [e["id"] for e in store.search_encounters(survivor)] == [visit]
+    assert store.search_encounters(retired)[0]["subject"]["reference"] == f"Patient/{survivor}"
+    claim = store.claim("0" * 20, "r")
+    assert claim is not None and claim.document is not None
+    assert claim.document.patient["id"] == survivor
+    values = {(i["value"], i.get("use")) for i in resolved["identifier"]}
+    assert ("R1", "old") in values and ("S1", None) in values
+
+
+def test_dedupe_remembers_within_the_window(store: Store) -> None:
+    store.apply_directory_update(
+        DirectoryUpdate("upsert", _patient("D1", "Dup")), dedupe=("adt|APP|FAC", "MSG1")
+    )
+    assert store.seen("adt|APP|FAC", "MSG1", timedelta(hours=1)) == []
+    assert store.seen("adt|APP|FAC", "MSG2", timedelta(hours=1)) is None
+    assert store.seen("adt|OTHER|FAC", "MSG1", timedelta(hours=1)) is None
+    assert store.seen("adt|APP|FAC", "MSG1", timedelta(seconds=-1)) is None
