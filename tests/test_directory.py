@@ -14,6 +14,7 @@ import pytest
 from medcourier.engine.clock import now
 from medcourier.engine.inbound import DirectoryUpdate, PatientIdentifier
 from medcourier.engine.store import Store
+from medcourier.engine.txid import new_transaction_id
 from tests.services import fresh_postgres_url
 
 IPP = "urn:oid:1.2.250.1.999.1"
@@ -97,8 +98,9 @@ def test_merge_moves_visits_and_documents_and_the_retired_id_resolves(store: Sto
     retired, visit = store.apply_directory_update(
         DirectoryUpdate("upsert", _patient("R1", "Dup"), org, _visit("V9"))
     )
+    txid = new_transaction_id()
     store.accept_document(
-        transaction_id="0" * 20,
+        transaction_id=txid,
         created_at=now(),
         content_type="application/pdf",
         document_type="11488-4",
@@ -120,7 +122,7 @@ def test_merge_moves_visits_and_documents_and_the_retired_id_resolves(store: Sto
     assert [p["id"] for p in store.search_patients(IPP, "R1")] == [survivor]
     assert [e["id"] for e in store.search_encounters(survivor)] == [visit]
     assert store.search_encounters(retired)[0]["subject"]["reference"] == f"Patient/{survivor}"
-    claim = store.claim("0" * 20, "r")
+    claim = store.claim(txid, "r")
     assert claim is not None and claim.document is not None
     assert claim.document.patient["id"] == survivor
     values = {(i["value"], i.get("use")) for i in resolved["identifier"]}

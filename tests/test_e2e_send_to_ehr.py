@@ -184,7 +184,7 @@ def test_unreachable_ehr_is_retried_then_delivered(
 
 
 def test_unknown_transaction_is_tracked_as_unknown(eng: Running) -> None:
-    bundle = eng.tracking("00000000000000000000")
+    bundle = eng.tracking("ffffffffffffffffffff")
     Bundle.model_validate(bundle)
     assert bundle["type"] == "collection" and bundle["total"] == 1
     assert bundle["entry"][0]["resource"]["status"] == "unknown"
