@@ -73,6 +73,7 @@ def engine_config(
     max_document_bytes: int = 5 * 1024 * 1024,
     ack_timeout: float = 5,
     fallback: bool = True,
+    inbound: list[dict[str, Any]] | None = None,
 ) -> str:
     cfg: dict[str, Any] = {
         "instance": instance,
@@ -86,6 +87,7 @@ def engine_config(
             {"name": "reader", "token": LIMITED_TOKEN, "scopes": ["PATIENT_READ"]},
         ],
         "limits": {"max_document_bytes": max_document_bytes},
+        "inbound": inbound or [],
         "routes": [
             {
                 "name": "ehr-a",
