@@ -556,3 +556,20 @@ def test_the_plugin_registers_the_filedrop_channel(tmp_path: Path) -> None:
     channel = inbound.open(options, FakeSink(), "lab")
     assert isinstance(channel, FileDropWatcher)
     assert channel.name == "lab"
+
+
+def test_auto_format_takes_hl7_files_and_documents_from_one_inbox(tmp_path: Path) -> None:
+    """One inbox for both kinds: .hl7 files are HL7 v2, the rest documents with sidecars."""
+    watcher, sink = make(tmp_path, "auto")
+    sidecar = json.dumps({"patient": "Patient/p1"}).encode()
+
+    async def scenario() -> None:
+        drop(watcher, "feed.HL7", hl7_file(hl7("M1"), hl7("M2")))
+        drop(watcher, "cr.pdf.json", sidecar)
+        drop(watcher, "cr.pdf", b"%PDF-1.4 x")
+        await settle(watcher)
+
+    asyncio.run(scenario())
+    assert [m.control_id for m in sink.messages] == ["M1", "M2"]
+    assert [d.patient_reference for d in sink.documents] == ["Patient/p1"]
+    assert names(watcher.options.processed_path) == ["cr.pdf", "cr.pdf.json", "feed.HL7"]

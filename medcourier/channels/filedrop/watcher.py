@@ -121,6 +121,10 @@ file whose MSH segment must be readable before its character set is known."""
 # --------------------------------------------------------------------------- options
 
 
+# File names the ``auto`` format reads as HL7 v2 (everything else is a document with a sidecar).
+_HL7_SUFFIXES = (".hl7", ".hl7v2", ".er7", ".msg")
+
+
 class FileDropOptions(BaseModel):
     """Options of one ``filedrop`` inbound channel (the ``inbound[]`` entry in the YAML)."""
 
@@ -131,8 +135,10 @@ class FileDropOptions(BaseModel):
     """The drop folder (created if missing); ``.work/`` inside it holds claimed files."""
     pattern: str = "*"
     """Glob on file names. Hidden, ``*.ok``, ``*.json``, ``*.tmp`` and ``*.part`` never match."""
-    format: Literal["hl7v2", "document"]
-    """``hl7v2``: one or more messages per file; ``document``: a file plus ``<name>.json``."""
+    format: Literal["hl7v2", "document", "auto"] = "auto"
+    """``hl7v2``: one or more messages per file; ``document``: a file plus ``<name>.json``;
+    ``auto``: HL7 v2 for names ending in .hl7, .hl7v2, .er7 or .msg, a document otherwise (one
+    inbox for both, as hospitals often have)."""
     poll_interval: float = Field(1.0, gt=0)
     """Seconds between two looks at the folder (doubled on each sink failure, up to 60)."""
     stable_for: float = Field(2.0, ge=0)
@@ -833,7 +839,7 @@ class FileDropWatcher:
 
     def _is_ready(self, name: str, files: dict[str, tuple[int, int]], now: float) -> bool:
         complete = self._is_complete(name, files, now)
-        if self.options.format == "hl7v2":
+        if self._format_of(name) == "hl7v2":
             return complete
         sidecar = f"{name}.json"
         if sidecar in files:
@@ -844,6 +850,11 @@ class FileDropWatcher:
             return False
         since = self._sidecar_wait.setdefault(name, now)
         return now - since >= self.options.sidecar_timeout  # taken, to go to error/
+
+    def _format_of(self, name: str) -> str:
+        if self.options.format != "auto":
+            return self.options.format
+        return "hl7v2" if name.lower().endswith(_HL7_SUFFIXES) else "document"
 
     def _is_complete(
         self, name: str, files: dict[str, tuple[int, int]], now: float, companion: bool = False
@@ -911,7 +922,7 @@ class FileDropWatcher:
         try:
             data = self._read(path)
             digest = hashlib.sha256(data).hexdigest()
-            if self.options.format == "hl7v2":
+            if self._format_of(path.name) == "hl7v2":
                 return _Hl7Plan(self._messages(data), digest)
             return _DocumentPlan(self._document(path, data), digest)
         except _ContentError as exc:
