@@ -129,3 +129,7 @@ class MessageDocuments:
 
 
 Interpretation = DirectoryUpdate | MessageDocuments
+
+
+class InboundRejected(InboundError):
+    """A message that is not for us (unsupported type or trigger): answered AR, not AE."""

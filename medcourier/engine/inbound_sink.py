@@ -20,6 +20,7 @@ from medcourier.engine.inbound import (
     InboundDocument,
     InboundError,
     InboundMessage,
+    InboundRejected,
     InboundResult,
     MessageDocuments,
     Verdict,
@@ -54,6 +55,8 @@ class EngineSink:
                 )
         try:
             meaning = self.engine.plugins.hook.medcourier_interpret_message(message=message)
+        except InboundRejected as exc:
+            return InboundResult(Verdict.REJECT, exc.text, exc.location)
         except InboundError as exc:
             return InboundResult(Verdict.ERROR, exc.text, exc.location)
         if meaning is None:
