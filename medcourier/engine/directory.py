@@ -114,15 +114,25 @@ class DirectoryStore:
 
     # -- ADT feed ----------------------------------------------------------------------------
     def upsert_patient(
-        self, c: Connection, resource: dict[str, Any], organization: str | None
+        self,
+        c: Connection,
+        resource: dict[str, Any],
+        organization: str | None,
+        overwrite: bool = True,
     ) -> dict[str, Any]:
         """Create the patient, or update the one sharing an identifier (identifiers are merged:
-        an update that lacks an identifier the directory knows does not drop it)."""
+        an update that lacks an identifier the directory knows does not drop it).
+
+        ``overwrite=False`` only creates: a result message's PID must not rewrite what the ADT
+        feed, the directory's source of truth, recorded.
+        """
         pid = _patient_by_identifiers(c, identifiers_of(resource))
         row = _live_patient(c, pid) if pid else None
         if row is None:
             return _insert_patient(c, resource, organization)
         old = json.loads(row.resource)
+        if not overwrite:
+            return dict(old)
         merged = {**old, **resource, "id": row.id}
         known = identifiers_of(old)
         extra = [
@@ -155,6 +165,7 @@ class DirectoryStore:
         resource: dict[str, Any],
         patient_id: str,
         organization: str | None,
+        overwrite: bool = True,
     ) -> dict[str, Any]:
         """Create the encounter, or update the one with the same visit number."""
         resource = {**resource, "subject": {"reference": f"Patient/{patient_id}"}}
@@ -165,6 +176,8 @@ class DirectoryStore:
             return _insert_encounter(c, resource, patient_id, organization)
         old_row = c.execute(sa.select(encounters).where(encounters.c.id == eid)).one()
         old = json.loads(old_row.resource)
+        if not overwrite:
+            return dict(old)
         merged = {**old, **resource, "id": eid}
         if "period" in old or "period" in resource:
             merged["period"] = {**old.get("period", {}), **resource.get("period", {})}

@@ -109,7 +109,7 @@ class DirectoryUpdate:
     existing ones by identifier (IPP, INS, visit number) or creates them.
     """
 
-    kind: str  # upsert, discharge, cancel-admit, cancel-discharge, merge
+    kind: str  # upsert, discharge, cancel-admit, cancel-discharge, merge; ensure: create only
     patient: dict[str, Any]
     organization: str | None = None
     encounter: dict[str, Any] | None = None

@@ -69,7 +69,7 @@ class EngineSink:
                 log.info(
                     "directory updated",
                     channel=message.channel,
-                    event=meaning.event,
+                    hl7_event=meaning.event,
                     kind=meaning.kind,
                     control_id=message.control_id,
                 )
@@ -82,13 +82,14 @@ class EngineSink:
     async def _documents(
         self, meaning: MessageDocuments, dedupe: tuple[str, str] | None
     ) -> InboundResult:
-        """The patient (and visit) the message names are upserted, then each document routed.
+        """The patient (and visit) the message names are created if the directory lacks them
+        (never rewritten: ADT owns demographics), then each document is routed.
 
         The dedupe key goes with the last document: a resend after a crash mid-way re-sends the
         first ones (at least once) rather than losing the rest.
         """
         update = DirectoryUpdate(
-            "upsert", meaning.patient, meaning.organization, meaning.encounter, event=meaning.event
+            "ensure", meaning.patient, meaning.organization, meaning.encounter, event=meaning.event
         )
         patient_id, encounter_id = await self.store.run(
             self.store.sync.apply_directory_update, update, None

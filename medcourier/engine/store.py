@@ -187,13 +187,18 @@ class Store(DirectoryStore):
     def apply_directory_update(
         self, update: DirectoryUpdate, dedupe: tuple[str, str] | None = None
     ) -> tuple[str, str | None]:
-        """Apply an ADT event in one transaction; returns (patient id, encounter id)."""
+        """Apply an ADT event in one transaction; returns (patient id, encounter id).
+
+        Kind ``ensure`` (documents arriving by message) creates what is missing and changes
+        nothing that exists.
+        """
+        overwrite = update.kind != "ensure"
         with self.engine.begin() as c:
-            patient = self.upsert_patient(c, update.patient, update.organization)
+            patient = self.upsert_patient(c, update.patient, update.organization, overwrite)
             encounter_id = None
             if update.encounter is not None:
                 encounter = self.upsert_encounter(
-                    c, update.encounter, patient["id"], update.organization
+                    c, update.encounter, patient["id"], update.organization, overwrite
                 )
                 encounter_id = encounter["id"]
             if update.merge_from:
