@@ -20,6 +20,25 @@ ACK_CODES = frozenset({"AA", "AE", "AR", "CA", "CE", "CR"})
 _DEFAULT_ENCODING_CHARS = "^~\\&"
 _SEGMENT_END = "\r"
 
+HL7_CHARSETS: dict[str, str] = {
+    "ASCII": "ascii",
+    **{f"8859/{n}": f"iso8859-{n}" for n in range(1, 10)},
+    "8859/15": "iso8859-15",
+    "UNICODE UTF-8": "utf-8",
+    "GB 18030-2000": "gb18030",
+    "BIG-5": "big5",
+    # Not HL7 table 0211 names, but what some senders put in MSH-18 anyway.
+    "UTF-8": "utf-8",
+    "ISO-8859-1": "iso8859-1",
+    "ISO-8859-15": "iso8859-15",
+}
+"""MSH-18 values (HL7 table 0211) → Python codecs.
+
+Only character sets that keep the MLLP block characters and ``\\r`` single bytes are listed:
+UTF-16/32 would put 0x0B, 0x1C or 0x0D inside ordinary characters and cannot travel in a frame;
+the ISO 2022 sets (ISO IR87, IR159) switch by escape sequences, which no codec here follows.
+"""
+
 
 class AckParseError(MedcourierError, ValueError):
     """The bytes are not an HL7 v2 message, or not an acknowledgement."""
@@ -82,26 +101,70 @@ def parse_ack(data: bytes) -> AckInfo:
     )
 
 
-def build_ack(message: bytes, code: str, text: str = "", error: str | None = None) -> bytes:
+def build_ack(
+    message: bytes,
+    code: str,
+    text: str = "",
+    error: str | None = None,
+    *,
+    location: str | None = None,
+    charset: str | None = None,
+) -> bytes:
     """Build the acknowledgement of a received HL7 v2 message.
 
     The ACK reuses the message's delimiters and character set (so copied fields stay valid),
     swaps sender and receiver, echoes MSH-10 in MSA-2 and adds an ERR segment when ``error``
-    is given. ``text`` and ``error`` are plain text: they are escaped here.
+    or ``location`` is given. ``text`` and ``error`` are plain text: they are escaped here.
+    Only the first segment of ``message`` is read, so passing just the MSH is enough.
 
+    :param location: where the error is, ERR-2 style with ``^`` between components (e.g.
+        ``"PID^1^3"``); written with the message's own component separator.
+    :param charset: the Python codec to read the message and write the ACK with. By default the
+        one MSH-18 declares, else UTF-8 if the bytes are valid UTF-8, else Latin-1.
     :raises ValueError: ``code`` is not an HL7 acknowledgement code.
     :raises AckParseError: ``message`` does not start with an MSH segment.
     """
     if code not in ACK_CODES:
         raise ValueError(f"not an HL7 acknowledgement code: {code!r}")
-    msh, delimiters, charset = _header(message)
+    msh, delimiters, codec = _header(message, charset)
     lines = [
         _ack_msh(msh, delimiters),
         delimiters.field.join(["MSA", code, _field(msh, 9), _escape(text, delimiters)]),
     ]
-    if error is not None:
-        lines.append(_err_segment(error, delimiters))
-    return (_SEGMENT_END.join(lines) + _SEGMENT_END).encode(charset, errors="replace")
+    if error is not None or location is not None:
+        lines.append(_err_segment(error or "", delimiters, location))
+    return (_SEGMENT_END.join(lines) + _SEGMENT_END).encode(codec, errors="replace")
+
+
+def declared_charset(message: bytes) -> str:
+    """MSH-18 as sent (its first repetition, stripped), read from the raw bytes; ``""`` if absent.
+
+    HL7 keeps the MSH up to MSH-18 in plain ASCII, which is how a receiver learns the character
+    set before decoding anything; only the ASCII separators are looked for here.
+
+    :raises AckParseError: ``message`` does not start with an MSH segment.
+    """
+    first = header_segment(message).decode("latin-1")
+    delimiters = _delimiters([first])
+    value = _field(first.split(delimiters.field), 17)
+    return value.split(delimiters.repetition, 1)[0].strip()
+
+
+def header_segment(message: bytes) -> bytes:
+    """The first segment of a message as raw bytes (normally the MSH), leading line breaks
+    skipped, whatever ends it (CR, LF or nothing). Reads only as far as that segment's end."""
+    start = 0
+    while message[start : start + 1] in (b"\r", b"\n"):
+        start += 1
+    end = message.find(b"\r", start)
+    end = len(message) if end < 0 else end
+    newline = message.find(b"\n", start, end)  # bounded: a large message is not scanned twice
+    return message[start : end if newline < 0 else newline]
+
+
+def python_codec(hl7_charset: str) -> str | None:
+    """The Python codec for an MSH-18 value (see :data:`HL7_CHARSETS`), None if unsupported."""
+    return HL7_CHARSETS.get(" ".join(hl7_charset.upper().split()))
 
 
 def message_control_id(message: bytes) -> str:
@@ -135,10 +198,12 @@ def _ack_msh(msh: list[str], d: _Delimiters) -> str:
     return d.field.join(fields)
 
 
-def _err_segment(error: str, d: _Delimiters) -> str:
-    """A v2.5 ERR: ERR-3 'application internal error', ERR-4 severity E, the text in ERR-8."""
+def _err_segment(error: str, d: _Delimiters, location: str | None = None) -> str:
+    """A v2.5 ERR: ERR-2 the location if known, ERR-3 'application internal error', ERR-4
+    severity E, the text in ERR-8."""
+    where = d.component.join(_escape(part, d) for part in (location or "").split("^"))
     code = d.component.join(["207", "Application internal error", "HL70357"])
-    return d.field.join(["ERR", "", "", code, "E", "", "", "", _escape(error, d)])
+    return d.field.join(["ERR", "", where, code, "E", "", "", "", _escape(error, d)])
 
 
 def _err_text(segment: list[str], d: _Delimiters) -> str:
@@ -158,13 +223,19 @@ def _err_text(segment: list[str], d: _Delimiters) -> str:
     return " ".join(_unescape(part, d) for part in legacy if part)
 
 
-def _header(message: bytes) -> tuple[list[str], _Delimiters, str]:
+def _header(message: bytes, charset: str | None = None) -> tuple[list[str], _Delimiters, str]:
     """The MSH fields (index n is MSH-(n+1)), delimiters and character set of a message.
 
-    Only the first segment is split: the message may carry a large base64 attachment.
+    Only the first segment is split: the message may carry a large base64 attachment. The
+    character set is ``charset``, else MSH-18's, else guessed from the whole message.
     """
-    decoded, charset = _decode(message)
-    first = decoded.lstrip("\r\n").split("\r", 1)[0].split("\n", 1)[0]
+    if charset is None:
+        charset = python_codec(declared_charset(message))
+    if charset is None:
+        decoded, charset = _decode(message)
+        first = decoded.lstrip("\r\n").split("\r", 1)[0].split("\n", 1)[0]
+    else:
+        first = header_segment(message).decode(charset, errors="replace")
     delimiters = _delimiters([first])
     return first.split(delimiters.field), delimiters, charset
 

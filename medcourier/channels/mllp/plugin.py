@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from medcourier.channels.mllp import simulator
 from medcourier.channels.mllp.client import MllpOptions, MllpSender
-from medcourier.engine.plugins import CliCommand, ConnectorType, hookimpl
+from medcourier.channels.mllp.listener import ListenerOptions, MllpListener
+from medcourier.engine.inbound import InboundSink
+from medcourier.engine.plugins import CliCommand, ConnectorType, InboundType, hookimpl
 
 
 @hookimpl
@@ -21,6 +23,24 @@ def medcourier_connectors() -> list[ConnectorType]:
             description="HL7 v2 over MLLP/TCP, one persistent connection per route, ACK-checked",
         )
     ]
+
+
+@hookimpl
+def medcourier_inbound_channels() -> list[InboundType]:
+    """The ``mllp`` inbound channel: a listener handing HL7 v2 messages to the engine."""
+    return [
+        InboundType(
+            name="mllp",
+            options_model=ListenerOptions,
+            open=open_listener,
+            description="HL7 v2 over MLLP/TCP or TLS in, ACKed once the engine has committed",
+        )
+    ]
+
+
+def open_listener(options: ListenerOptions, sink: InboundSink, name: str) -> MllpListener:
+    """Build (not start) the listener of one ``inbound[]`` entry; the engine starts it."""
+    return MllpListener(options, sink, name)
 
 
 @hookimpl

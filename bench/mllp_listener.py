@@ -1,0 +1,341 @@
+#!/usr/bin/env python3
+"""Inbound MLLP: ACKs per second and ACK latency of our listener against two other servers.
+
+Each server runs in its own process, on 127.0.0.1 only:
+
+- ``medcourier listener, null sink``: :class:`MllpListener` with a sink that only returns
+  ACCEPT, i.e. the channel's own cost (MSH checks, charset, ACK); the engine-integrated figure,
+  with its commit before each ACK, is another benchmark;
+- ``python-hl7 asyncio server``: ``hl7.mllp.start_hl7_server`` with a handler that parses each
+  message (``hl7.parse``, through ``readmessage``) and answers ``message.create_ack()``;
+- ``@medplum/hl7 Hl7Server (node)``: installed with npm into a temporary directory, answering
+  ``message.buildAck()``; reported as unavailable when node/npm or the install is missing.
+
+The load generator is one asyncio process: N connections, each sending its share of a fixed
+number of messages back to back and waiting for each ACK (MLLP is request/response). It shares
+the machine with the server, so absolute figures are a floor; the ratios are the point.
+
+    .venv/bin/python bench/mllp_listener.py
+    .venv/bin/python bench/mllp_listener.py --adt-count 1000 --oru-count 100 --connections 1,8
+
+Not a test: nothing is asserted (beyond every answer being an AA for the right message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import hl7.mllp
+import structlog
+
+from medcourier.channels.mllp.framing import frame, read_frame
+from medcourier.channels.mllp.listener import ListenerOptions, MllpListener
+from medcourier.engine.inbound import InboundDocument, InboundMessage, InboundResult, Verdict
+
+HOST = "127.0.0.1"
+MEDCOURIER = "medcourier listener, null sink"
+PYTHON_HL7 = "python-hl7 asyncio server"
+MEDPLUM = "@medplum/hl7 Hl7Server (node)"
+READ_LIMIT = 4 * 1024 * 1024
+START_TIMEOUT = 30.0
+
+NODE_SERVER = r"""
+// Bench server: @medplum/hl7's Hl7Server answering every message with its own buildAck().
+const net = require('node:net');
+// Hl7Server.start(port) listens on every interface; keep the bench on loopback.
+const listen = net.Server.prototype.listen;
+net.Server.prototype.listen = function (port, ...rest) {
+  return typeof port === 'number' ? listen.call(this, port, '127.0.0.1', ...rest)
+                                  : listen.call(this, port, ...rest);
+};
+const { Hl7Server } = require('@medplum/hl7');
+const server = new Hl7Server((connection) => {
+  connection.addEventListener('message', ({ message }) => connection.send(message.buildAck()));
+});
+server.start(0, 'utf-8');
+server.server.once('listening', () => console.log(`PORT ${server.server.address().port}`));
+process.on('SIGTERM', () => process.exit(0));
+"""
+
+
+# --- messages ------------------------------------------------------------------------------------
+
+
+def adt_a01(control_id: str) -> bytes:
+    """An ADT^A01 of about 2 KB (a fictitious patient with the usual segments)."""
+    segments = [
+        "MSH|^~\\&|ADTSYS^1.2.250.1.71^ISO|HOSP|MEDCOURIER|HOSP|20240102030405||ADT^A01^ADT_A01"
+        f"|{control_id}|P|2.5|||||FRA|UNICODE UTF-8",
+        "EVN|A01|20240102030405|||OP123^OPERATOR^JANE",
+        "PID|1||123456789^^^HOSP^PI~1800199123456^^^ASIP-SANTE-INS-NIR^INS||BENCHPATIENT^JEAN"
+        "^PIERRE^^^^L~BENCHPATIENT^JEAN^^^^^D||19800101|M|||12 RUE DE LA PAIX^^PARIS^^75002^FRA"
+        "^H||0102030405^PRN^PH~0607080910^PRN^CP|||M||VN123456^^^HOSP^AN|||||PARIS",
+        "PD1|||HOSP^^HOSP|10003123456^DOCTOR^FAMILY^^^DR^^^ASIP-SANTE-PS&1.2.250.1.71.4.2.1&ISO",
+        "NK1|1|BENCHPATIENT^MARIE|SPO^Spouse^HL70063|12 RUE DE LA PAIX^^PARIS^^75002^FRA"
+        "|0102030406^PRN^PH",
+        "PV1|1|I|CARDIO^101^1^HOSP^^^^^CARDIOLOGIE||||10003123456^CARDIO^ANNE^^^DR|||CAR||||1"
+        "|||10003123456^CARDIO^ANNE^^^DR|IN|VN123456^^^HOSP^VN|||||||||||||||||||||||||"
+        "20240102030000",
+        "PV2|||CHEST PAIN^Chest pain, unspecified",
+    ]
+    for n in range(1, 4):
+        segments.append(f"OBX|{n}|NM|8302-2^Body height^LN||{170 + n}|cm^cm^UCUM|||||F")
+    for n in range(1, 4):
+        segments.append(f"AL1|{n}|DA|70618^Penicillin^RXNORM|MO|Rash|20200101")
+    segments.append("DG1|1||I20.9^Angina pectoris, unspecified^I10||20240102|A")
+    text = "\r".join(segments) + "\r"
+    padding = 2048 - len(text) - len("ZBE|1||\r")
+    return (text + f"ZBE|1||{'x' * max(0, padding)}\r").encode()
+
+
+_PDF = base64.b64encode(os.urandom(47 * 1024)).decode()
+
+
+def oru_r01(control_id: str) -> bytes:
+    """An ORU^R01 of about 64 KB: a report with an embedded (random) PDF, base64 in OBX-5."""
+    segments = [
+        "MSH|^~\\&|LABSYS^1.2.250.1.99^ISO|LAB|MEDCOURIER|HOSP|20240102030405||ORU^R01^ORU_R01"
+        f"|{control_id}|P|2.5|||||FRA|UNICODE UTF-8",
+        "PID|1||123456789^^^HOSP^PI||BENCHPATIENT^JEAN||19800101|M",
+        "PV1|1|I|CARDIO^101^1",
+        "ORC|RE|ORD1|REP1",
+        "OBR|1|ORD1|REP1|11502-2^Laboratory report^LN|||20240102030405",
+        f"OBX|1|ED|11502-2^Laboratory report^LN||^application^pdf^Base64^{_PDF}||||||F",
+    ]
+    return ("\r".join(segments) + "\r").encode()
+
+
+MESSAGES: dict[str, Callable[[str], bytes]] = {"ADT^A01 2KB": adt_a01, "ORU^R01 64KB": oru_r01}
+
+
+# --- servers (each in its own process) -----------------------------------------------------------
+
+
+async def serve_medcourier() -> None:
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # warnings
+
+    class NullSink:
+        async def hl7_message(self, message: InboundMessage) -> InboundResult:
+            return InboundResult(Verdict.ACCEPT)
+
+        async def document(self, document: InboundDocument) -> InboundResult:
+            raise NotImplementedError
+
+    listener = MllpListener(ListenerOptions(host=HOST, port=0), NullSink(), "bench")
+    await listener.start()
+    print(f"PORT {listener.port}", flush=True)
+    await asyncio.Event().wait()
+
+
+async def serve_python_hl7() -> None:
+    async def handle(reader: hl7.mllp.HL7StreamReader, writer: hl7.mllp.HL7StreamWriter) -> None:
+        try:
+            while True:
+                message = await reader.readmessage()
+                writer.writemessage(message.create_ack())
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await hl7.mllp.start_hl7_server(handle, HOST, 0, limit=READ_LIMIT, encoding="utf-8")
+    print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
+    await asyncio.Event().wait()
+
+
+@dataclass
+class Server:
+    label: str
+    process: subprocess.Popen[str]
+    port: int
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_process(label: str, command: list[str], cwd: Path | None = None) -> Server:
+    """Run a server and wait for the ``PORT n`` line it prints once listening."""
+    process = subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if line.startswith("PORT "):
+            return Server(label, process, int(line.split()[1]))
+        if not line and process.poll() is not None:
+            break
+    process.kill()
+    _out, err = process.communicate()
+    raise RuntimeError(f"{label} did not start: {err.strip()[-300:] or 'no output'}")
+
+
+def install_medplum(directory: Path) -> Path:
+    """``npm install @medplum/hl7`` into ``directory``; return the server script's path."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        raise RuntimeError("node or npm not found")
+    result = subprocess.run(
+        ["npm", "install", "--prefix", str(directory), "--no-audit", "--no-fund", "@medplum/hl7"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"npm install failed: {result.stderr.strip()[-200:]}")
+    script = directory / "server.js"
+    script.write_text(NODE_SERVER)
+    return script
+
+
+# --- load ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    acks_per_second: float
+    p50_ms: float
+    p99_ms: float
+    failures: int
+
+
+async def one_connection(port: int, frames: list[bytes], latencies: list[float]) -> int:
+    reader, writer = await asyncio.open_connection(HOST, port, limit=READ_LIMIT)
+    failures = 0
+    try:
+        for data, control_id in frames_with_ids(frames):
+            started = time.perf_counter()
+            writer.write(data)
+            await writer.drain()
+            ack = await read_frame(reader, READ_LIMIT)
+            latencies.append(time.perf_counter() - started)
+            if b"MSA|AA|" + control_id not in ack:
+                failures += 1
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return failures
+
+
+def frames_with_ids(frames: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """Each frame with its MSH-10 (the 10th field of the first segment)."""
+    return [(data, data[1:].split(b"\r", 1)[0].split(b"|")[9]) for data in frames]
+
+
+async def load(port: int, build: Callable[[str], bytes], connections: int, count: int) -> Figures:
+    share = [
+        count // connections + (1 if i < count % connections else 0) for i in range(connections)
+    ]
+    batches = [[frame(build(f"B{c}-{n}")) for n in range(share[c])] for c in range(connections)]
+    latencies: list[float] = []
+    started = time.perf_counter()
+    failures = await asyncio.gather(*(one_connection(port, b, latencies) for b in batches))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return Figures(
+        acks_per_second=len(latencies) / elapsed,
+        p50_ms=statistics.median(latencies) * 1000,
+        p99_ms=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+        failures=sum(failures) + count - len(latencies),
+    )
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--adt-count", type=int, default=4000, help="ADT messages per case")
+    parser.add_argument("--oru-count", type=int, default=500, help="ORU messages per case")
+    parser.add_argument("--connections", default="1,8,32", help="comma-separated counts")
+    parser.add_argument("--serve", choices=["medcourier", "python-hl7"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve == "medcourier":
+        asyncio.run(serve_medcourier())
+        return 0
+    if args.serve == "python-hl7":
+        asyncio.run(serve_python_hl7())
+        return 0
+
+    connection_counts = [int(n) for n in args.connections.split(",")]
+    counts = {"ADT^A01 2KB": args.adt_count, "ORU^R01 64KB": args.oru_count}
+    me = [sys.executable, str(Path(__file__).resolve())]
+    results: dict[tuple[str, str, int], Figures | str] = {}
+    with tempfile.TemporaryDirectory(prefix="mllp-bench-") as tmp:
+        starters: list[tuple[str, Callable[[], Server]]] = [
+            (MEDCOURIER, lambda: start_process(MEDCOURIER, [*me, "--serve", "medcourier"])),
+            (PYTHON_HL7, lambda: start_process(PYTHON_HL7, [*me, "--serve", "python-hl7"])),
+            (MEDPLUM, lambda: start_medplum(Path(tmp))),
+        ]
+        for label, start in starters:
+            try:
+                server = start()
+            except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+                for kind in MESSAGES:
+                    for n in connection_counts:
+                        results[label, kind, n] = f"unavailable: {exc}"
+                continue
+            try:
+                asyncio.run(load(server.port, adt_a01, 4, 200))  # warm-up
+                for kind, build in MESSAGES.items():
+                    for n in connection_counts:
+                        results[label, kind, n] = asyncio.run(
+                            load(server.port, build, n, counts[kind])
+                        )
+                        print(f"  done: {label}, {kind}, {n} conn", file=sys.stderr, flush=True)
+            finally:
+                server.stop()
+    print_table(results, connection_counts)
+    return 0
+
+
+def start_medplum(directory: Path) -> Server:
+    script = install_medplum(directory)
+    return start_process(MEDPLUM, ["node", str(script)], cwd=directory)
+
+
+def print_table(results: dict[tuple[str, str, int], Figures | str], connections: list[int]) -> None:
+    print(f"{'server':<32} {'message':<13} {'conns':>5} {'ACK/s':>9} {'p50 ms':>8} "
+          f"{'p99 ms':>8} {'vs python-hl7':>14}")  # fmt: skip
+    print("-" * 95)
+    for kind in MESSAGES:
+        for n in connections:
+            baseline = results.get((PYTHON_HL7, kind, n))
+            for label in (MEDCOURIER, PYTHON_HL7, MEDPLUM):
+                figures = results.get((label, kind, n))
+                if not isinstance(figures, Figures):
+                    print(f"{label:<32} {kind:<13} {n:>5}  {figures}")
+                    continue
+                ratio = (
+                    f"{figures.acks_per_second / baseline.acks_per_second:.2f}x"
+                    if isinstance(baseline, Figures)
+                    else "-"
+                )
+                failed = f"  ({figures.failures} failed)" if figures.failures else ""
+                print(
+                    f"{label:<32} {kind:<13} {n:>5} {figures.acks_per_second:>9,.0f} "
+                    f"{figures.p50_ms:>8.2f} {figures.p99_ms:>8.2f} {ratio:>14}{failed}"
+                )
+        print()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
