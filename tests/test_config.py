@@ -118,3 +118,27 @@ def test_duplicate_route_and_two_fallbacks(tmp_path: Path) -> None:
         parse_config(text, load_plugins(), "t.yaml", env={"TOKEN": "x" * 20})
     assert "routes[1].name: duplicate route name 'r1'" in str(err.value)
     assert "at most one route may have match.fallback" in str(err.value)
+
+
+def test_inbound_channels_are_checked_by_their_plugin() -> None:
+    text = (
+        ROUTE
+        + """
+inbound:
+  - name: in1
+    channel: mllp
+    port: 70000
+  - name: in2
+    channel: carrier-pigeon
+  - name: in3
+    channel: filedrop
+    path: /tmp/x
+    routes: [nope]
+"""
+    )
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, load_plugins(), "t.yaml", env={"TOKEN": "x" * 20})
+    message = str(err.value)
+    assert "inbound[0].port" in message
+    assert "inbound[1].channel: unknown inbound channel 'carrier-pigeon'" in message
+    assert "inbound[2].routes[0]: no route named 'nope'" in message

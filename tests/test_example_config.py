@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from medcourier.channels.mllp.ack import parse_ack
+from medcourier.channels.mllp.framing import FrameReader, frame
 from tests.harness import eventually, free_port, pdf_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,8 +37,25 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> 
     raise AssertionError(f"{url} did not answer within {timeout}s")
 
 
+ADT = (
+    "MSH|^~\\&|ADT|DEMO|MC|MC|20261121120000||ADT^A04^ADT_A01|EX-1|P|2.5\r"
+    "EVN|A04\r"
+    "PID|1||IPP-8^^^DEMO&1.2.250.1.999.1&ISO^PI||Martin^Paul||19700101|M\r"
+    "PV1|1|O|CONSULT||||||||||||||||V-8^^^DEMO&1.2.250.1.999.2&ISO^VN\r"
+)
+
+
+def _send_mllp(port: int, message: str) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(frame(message.encode()))
+        reader = FrameReader()
+        while True:
+            for ack in reader.feed(s.recv(65536)):
+                return parse_ack(ack).code
+
+
 def test_example_config_delivers_to_the_simulated_ehr(tmp_path: Path) -> None:
-    http_port, ehr_port = free_port(), free_port()
+    http_port, ehr_port, mllp_port = free_port(), free_port(), free_port()
     token = uuid.uuid4().hex + uuid.uuid4().hex
     env = {
         **os.environ,
@@ -44,6 +64,7 @@ def test_example_config_delivers_to_the_simulated_ehr(tmp_path: Path) -> None:
         "MEDCOURIER_DATA_DIR": str(tmp_path / "var"),
         "MEDCOURIER_INSTANCE": f"mctest-{uuid.uuid4().hex[:8]}",
         "DEMO_EHR_MLLP": f"127.0.0.1:{ehr_port}",
+        "MEDCOURIER_MLLP_PORT": str(mllp_port),
     }
     env.pop("MEDCOURIER_BROKER_URL", None)
     env.pop("MEDCOURIER_STORE_URL", None)
@@ -63,7 +84,7 @@ def test_example_config_delivers_to_the_simulated_ehr(tmp_path: Path) -> None:
             stdout=engine_out,
             stderr=subprocess.STDOUT,
         )
-        _exercise(engine, ehr, http_port, token, out)
+        _exercise(engine, ehr, http_port, token, out, mllp_port, tmp_path / "var" / "inbox")
     logs = engine_log.read_text()
     # no patient data in the engine's logs
     assert "Lefèvre" not in logs and "2001-09-11" not in logs and "IPP-7" not in logs
@@ -76,6 +97,8 @@ def _exercise(
     http_port: int,
     token: str,
     out: Path,
+    mllp_port: int,
+    inbox: Path,
 ) -> None:
     try:
         base = f"http://127.0.0.1:{http_port}"
@@ -133,6 +156,19 @@ def _exercise(
         files = list(out.glob("*.hl7"))
         assert len(files) == 1
         assert "Lefèvre".encode() in files[0].read_bytes()
+
+        # the example's MLLP listener takes ADT into the directory
+        assert _send_mllp(mllp_port, ADT) == "AA"
+        with httpx.Client(base_url=base, headers=auth, timeout=30) as c:
+            found = c.get("/fhir/Patient", params={"identifier": "IPP-8"}).json()
+            assert found["total"] == 1
+        # and its inbox takes a document with a sidecar naming that patient
+        (inbox / "cr.pdf.json").write_text(
+            '{"patient_identifiers": [{"system": "urn:oid:1.2.250.1.999.1", "value": "IPP-8"}]}'
+        )
+        (inbox / "cr.pdf").write_bytes(pdf_bytes(1000))
+        eventually(lambda: len(list(out.glob("*.hl7"))) == 2, 20, "inbox document delivered")
+        assert (inbox / "processed" / "cr.pdf").exists()
     finally:
         engine.send_signal(signal.SIGTERM)
         ehr.send_signal(signal.SIGTERM)

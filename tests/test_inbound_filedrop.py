@@ -95,3 +95,27 @@ def test_hl7_file_feeds_the_directory_and_routes_documents(lt: LoopThread, tmp_p
         assert encounters["total"] == 1
         eventually(lambda: len(eng.ehr.received) == 1, 20, "delivery")
         assert "CR biologie" in eng.ehr.received[0].decode()
+
+
+def test_a_channel_with_routes_feeds_exactly_those(lt: LoopThread, tmp_path: Path) -> None:
+    from medcourier.channels.mllp.simulator import EhrSimulator
+
+    other = EhrSimulator()
+    lt.run(other.start())
+    route_b = {
+        "name": "ehr-b",
+        "match": {"organizations": ["Organization/elsewhere"]},
+        "format": "hl7v2-oru",
+        "deliver": {"connector": "mllp", "host": "127.0.0.1", "port": other.port},
+    }
+    inbox = {**_inbox(tmp_path, "document"), "routes": ["ehr-b"]}
+    try:
+        with running_engine(lt, tmp_path, inbound=[inbox], extra_routes=[route_b]) as eng:
+            pid = eng.patient(name=[{"family": "Routed"}])
+            folder = tmp_path / "inbox-document"
+            (folder / "a.pdf.json").write_text(json.dumps({"patient": f"Patient/{pid}"}))
+            (folder / "a.pdf").write_bytes(pdf_bytes(400))
+            eventually(lambda: len(other.received) == 1, 20, "delivery on ehr-b")
+            assert eng.ehr.received == []
+    finally:
+        lt.run(other.stop())

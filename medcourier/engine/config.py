@@ -138,10 +138,14 @@ class Route:
 class Inbound:
     """An inbound channel with its options parsed by the channel's plugin."""
 
-    def __init__(self, name: str, channel: str, options: Any) -> None:
+    def __init__(
+        self, name: str, channel: str, options: Any, routes: tuple[str, ...] = ()
+    ) -> None:
         self.name = name
         self.channel = channel
         self.options = options
+        # When set, documents from this channel go to exactly these routes (no matching).
+        self.routes = routes
 
 
 class Config:
@@ -280,14 +284,21 @@ def _inbound(settings: Settings, plugins: Plugins, problems: list[str]) -> list[
                 f"{where}.channel: unknown inbound channel {raw.get('channel')!r} (known: {known})"
             )
             continue
+        routes = raw.get("routes") or []
+        if not isinstance(routes, list) or not all(isinstance(r, str) for r in routes):
+            problems.append(f"{where}.routes: a list of route names")
+            continue
+        for j, route in enumerate(routes):
+            if route not in {r.name for r in settings.routes}:
+                problems.append(f"{where}.routes[{j}]: no route named {route!r}")
         try:
             options = kind.options_model.model_validate(
-                {k: v for k, v in raw.items() if k != "name"}
+                {k: v for k, v in raw.items() if k not in ("name", "routes")}
             )
         except ValidationError as exc:
             problems.extend(_errors(exc, where))
             continue
-        found.append(Inbound(name, kind.name, options))
+        found.append(Inbound(name, kind.name, options, tuple(routes)))
     return found
 
 

@@ -33,10 +33,13 @@ log = structlog.get_logger("medcourier.inbound")
 
 
 class EngineSink:
-    def __init__(self, engine: Engine, duplicate_window: timedelta) -> None:
+    def __init__(
+        self, engine: Engine, duplicate_window: timedelta, routes: tuple[str, ...] = ()
+    ) -> None:
         self.engine = engine
         self.store = engine.store
         self.window = duplicate_window
+        self.routes = routes
 
     async def hl7_message(self, message: InboundMessage) -> InboundResult:
         sender = f"{message.channel}|{message.sending_application}|{message.sending_facility}"
@@ -196,6 +199,7 @@ class EngineSink:
             payload=doc.payload,
             organizations=organizations(patient, encounter),
             dedupe=dedupe,
+            only_routes=self.routes,
         )
         try:
             return await self.engine.submit(

@@ -59,6 +59,8 @@ class SubmitRequest:
     organizations: frozenset[str] = frozenset()
     # (sender, message id) of an inbound message, remembered with the document to spot resends
     dedupe: tuple[str, str] | None = None
+    # An inbound channel configured with ``routes`` sends its documents to exactly those.
+    only_routes: tuple[str, ...] = ()
 
 
 class Engine:
@@ -118,8 +120,8 @@ class Engine:
     async def _start_inbound(self) -> None:
         """Listeners and folders start last: by then everything they hand work to is running."""
         window = timedelta(hours=self.config.settings.duplicate_window_hours)
-        sink = EngineSink(self, window)
         for spec in self.config.inbound:
+            sink = EngineSink(self, window, spec.routes)
             channel = self.plugins.inbound[spec.channel].open(spec.options, sink, spec.name)
             await channel.start()
             self.inbound.append(channel)
@@ -166,7 +168,10 @@ class Engine:
 
     async def submit(self, req: SubmitRequest, default_title: Callable[[str], str]) -> str:
         """Store a document, queue one work item per matching route, return its transaction id."""
-        routes = self.router.match(set(req.organizations))
+        if req.only_routes:
+            routes = [r for r in self.config.routes if r.name in req.only_routes]
+        else:
+            routes = self.router.match(set(req.organizations))
         if not routes:
             raise NoRouteError(
                 "No route delivers documents for this patient or encounter: the hospital "
