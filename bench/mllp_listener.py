@@ -48,6 +48,10 @@ HOST = "127.0.0.1"
 MEDCOURIER = "medcourier listener, null sink"
 PYTHON_HL7 = "python-hl7 asyncio server"
 MEDPLUM = "@medplum/hl7 Hl7Server (node)"
+ENGINE_EMBEDDED = "medcourier engine, embedded (persists before ACK)"
+ENGINE_RABBITMQ = "medcourier engine, RabbitMQ+PostgreSQL (persists before ACK)"
+RABBIT = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+POSTGRES = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 READ_LIMIT = 4 * 1024 * 1024
 START_TIMEOUT = 30.0
 
@@ -100,7 +104,7 @@ def adt_a01(control_id: str) -> bytes:
     return (text + f"ZBE|1||{'x' * max(0, padding)}\r").encode()
 
 
-_PDF = base64.b64encode(os.urandom(47 * 1024)).decode()
+_PDF = base64.b64encode(b"%PDF-1.4\n" + os.urandom(47 * 1024)).decode()
 
 
 def oru_r01(control_id: str) -> bytes:
@@ -139,6 +143,78 @@ async def serve_medcourier() -> None:
     await asyncio.Event().wait()
 
 
+async def serve_engine(backend: str) -> None:
+    """The whole engine: ADT upserts the directory, ORU stores and queues a document (delivered
+    to a simulated EHR in the same process), and only then is the message ACKed."""
+    import signal
+    import uuid
+
+    import sqlalchemy as sa
+    import yaml
+
+    from medcourier.channels.mllp.simulator import EhrSimulator
+    from medcourier.engine.config import parse_config
+    from medcourier.engine.plugins import load_plugins
+    from medcourier.engine.service import Engine
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
+    ehr = EhrSimulator(host=HOST)
+    await ehr.start()
+    instance = f"mllpbench-{uuid.uuid4().hex[:8]}"
+    db = instance.replace("-", "_")
+    admin_url = POSTGRES.replace("postgresql://", "postgresql+psycopg://", 1)
+    with tempfile.TemporaryDirectory(prefix="mllp-bench-engine-") as tmp:
+        cfg: dict[str, object] = {
+            "instance": instance,
+            "data_dir": tmp,
+            "log_level": "warning",
+            "inbound": [
+                {
+                    "name": "bench-in",
+                    "channel": "mllp",
+                    "host": HOST,
+                    "port": 0,
+                    "max_message_bytes": READ_LIMIT,
+                }
+            ],
+            "routes": [
+                {
+                    "name": "bench-ehr",
+                    "match": {"fallback": True},
+                    "format": "hl7v2-oru",
+                    "deliver": {"connector": "mllp", "host": HOST, "port": ehr.port},
+                }
+            ],
+        }
+        if backend == "rabbitmq":
+            admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+            with admin.connect() as c:
+                c.execute(sa.text(f'CREATE DATABASE "{db}"'))
+            cfg["broker"] = RABBIT
+            cfg["store"] = POSTGRES.rsplit("/", 1)[0] + f"/{db}"
+        plugins = load_plugins()
+        engine = Engine(parse_config(yaml.safe_dump(cfg), plugins, "bench.yaml"), plugins)
+        await engine.start(http=False)
+        print(f"PORT {engine.inbound[0].port}", flush=True)  # type: ignore[attr-defined]
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        await engine.stop()
+        await ehr.stop()
+        if backend == "rabbitmq":
+            import pika
+
+            conn = pika.BlockingConnection(
+                pika.URLParameters(RABBIT.replace(":5672//", ":5672/%2F"))
+            )
+            channel = conn.channel()
+            channel.queue_delete(f"{instance}.route.bench-ehr")
+            channel.exchange_delete(f"{instance}.routes")
+            conn.close()
+            with admin.connect() as c:
+                c.execute(sa.text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
+
+
 async def serve_python_hl7() -> None:
     async def handle(reader: hl7.mllp.HL7StreamReader, writer: hl7.mllp.HL7StreamWriter) -> None:
         try:
@@ -165,7 +241,7 @@ class Server:
     def stop(self) -> None:
         self.process.terminate()
         try:
-            self.process.wait(5)
+            self.process.wait(60)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -266,13 +342,21 @@ def main() -> int:
     parser.add_argument("--adt-count", type=int, default=4000, help="ADT messages per case")
     parser.add_argument("--oru-count", type=int, default=500, help="ORU messages per case")
     parser.add_argument("--connections", default="1,8,32", help="comma-separated counts")
-    parser.add_argument("--serve", choices=["medcourier", "python-hl7"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--serve",
+        choices=["medcourier", "python-hl7", "engine-embedded", "engine-rabbitmq"],
+        help=argparse.SUPPRESS,
+    )
+    parser.add_argument("--no-engine", action="store_true", help="skip the whole-engine rows")
     args = parser.parse_args()
     if args.serve == "medcourier":
         asyncio.run(serve_medcourier())
         return 0
     if args.serve == "python-hl7":
         asyncio.run(serve_python_hl7())
+        return 0
+    if args.serve in ("engine-embedded", "engine-rabbitmq"):
+        asyncio.run(serve_engine(args.serve.removeprefix("engine-")))
         return 0
 
     connection_counts = [int(n) for n in args.connections.split(",")]
@@ -285,6 +369,17 @@ def main() -> int:
             (PYTHON_HL7, lambda: start_process(PYTHON_HL7, [*me, "--serve", "python-hl7"])),
             (MEDPLUM, lambda: start_medplum(Path(tmp))),
         ]
+        if not args.no_engine:
+            starters += [
+                (
+                    ENGINE_EMBEDDED,
+                    lambda: start_process(ENGINE_EMBEDDED, [*me, "--serve", "engine-embedded"]),
+                ),
+                (
+                    ENGINE_RABBITMQ,
+                    lambda: start_process(ENGINE_RABBITMQ, [*me, "--serve", "engine-rabbitmq"]),
+                ),
+            ]
         for label, start in starters:
             try:
                 server = start()
@@ -313,16 +408,18 @@ def start_medplum(directory: Path) -> Server:
 
 
 def print_table(results: dict[tuple[str, str, int], Figures | str], connections: list[int]) -> None:
-    print(f"{'server':<32} {'message':<13} {'conns':>5} {'ACK/s':>9} {'p50 ms':>8} "
+    print(f"{'server':<60} {'message':<13} {'conns':>5} {'ACK/s':>9} {'p50 ms':>8} "
           f"{'p99 ms':>8} {'vs python-hl7':>14}")  # fmt: skip
-    print("-" * 95)
+    print("-" * 123)
     for kind in MESSAGES:
         for n in connections:
             baseline = results.get((PYTHON_HL7, kind, n))
-            for label in (MEDCOURIER, PYTHON_HL7, MEDPLUM):
+            for label in (MEDCOURIER, ENGINE_EMBEDDED, ENGINE_RABBITMQ, PYTHON_HL7, MEDPLUM):
+                if (label, kind, n) not in results:
+                    continue
                 figures = results.get((label, kind, n))
                 if not isinstance(figures, Figures):
-                    print(f"{label:<32} {kind:<13} {n:>5}  {figures}")
+                    print(f"{label:<60} {kind:<13} {n:>5}  {figures}")
                     continue
                 ratio = (
                     f"{figures.acks_per_second / baseline.acks_per_second:.2f}x"
@@ -331,7 +428,7 @@ def print_table(results: dict[tuple[str, str, int], Figures | str], connections:
                 )
                 failed = f"  ({figures.failures} failed)" if figures.failures else ""
                 print(
-                    f"{label:<32} {kind:<13} {n:>5} {figures.acks_per_second:>9,.0f} "
+                    f"{label:<60} {kind:<13} {n:>5} {figures.acks_per_second:>9,.0f} "
                     f"{figures.p50_ms:>8.2f} {figures.p99_ms:>8.2f} {ratio:>14}{failed}"
                 )
         print()
