@@ -68,7 +68,7 @@ class EngineSink:
             )
         try:
             if isinstance(meaning, DirectoryUpdate):
-                await self.store.run(self.store.sync.apply_directory_update, meaning, dedupe)
+                await self.store.write(self.store.sync.tx_apply_directory_update, meaning, dedupe)
                 log.info(
                     "directory updated",
                     channel=message.channel,
@@ -88,14 +88,14 @@ class EngineSink:
         """The patient (and visit) the message names are created if the directory lacks them
         (never rewritten: ADT owns demographics), then each document is routed.
 
-        The dedupe key goes with the last document: a resend after a crash mid-way re-sends the
-        first ones (at least once) rather than losing the rest.
+        The dedupe key is remembered after the last document is queued: a resend after a crash
+        mid-way delivers the first ones again (at least once) rather than losing the rest.
         """
         update = DirectoryUpdate(
             "ensure", meaning.patient, meaning.organization, meaning.encounter, event=meaning.event
         )
-        patient_id, encounter_id = await self.store.run(
-            self.store.sync.apply_directory_update, update, None
+        patient_id, encounter_id = await self.store.write(
+            self.store.sync.tx_apply_directory_update, update, None
         )
         patient = await self.store.run(self.store.sync.get_patient, patient_id)
         encounter = (

@@ -57,7 +57,9 @@ class SubmitRequest:
     sender_application: str
     payload: bytes
     organizations: frozenset[str] = frozenset()
-    # (sender, message id) of an inbound message, remembered with the document to spot resends
+    # (sender, message id) of an inbound message, remembered once the document is queued, so a
+    # resend is recognised; remembered only after the queue confirm, because a crash between
+    # the commit and the confirm must let the resend through (a duplicate, never a loss).
     dedupe: tuple[str, str] | None = None
     # An inbound channel configured with ``routes`` sends its documents to exactly those.
     only_routes: tuple[str, ...] = ()
@@ -182,8 +184,8 @@ class Engine:
         for _ in range(5):
             txid = new_transaction_id()
             try:
-                await self.store.run(
-                    self.store.sync.accept_document,
+                await self.store.write(
+                    self.store.sync.tx_accept_document,
                     transaction_id=txid,
                     created_at=created,
                     content_type=req.content_type,
@@ -195,7 +197,6 @@ class Engine:
                     encounter_id=req.encounter_id,
                     payload=req.payload,
                     routes=[r.name for r in routes],
-                    dedupe=req.dedupe,
                 )
                 break
             except sqlalchemy.exc.IntegrityError:
@@ -211,14 +212,16 @@ class Engine:
             await asyncio.gather(*(self.broker.publish(WorkItem(txid, r.name)) for r in routes))
         except BrokerError as exc:
             for r in routes:
-                await self.store.run(
-                    self.store.sync.set_status,
+                await self.store.write(
+                    self.store.sync.tx_set_status,
                     txid,
                     r.name,
                     Status.ENTERED_IN_ERROR,
                     f"not queued: {exc}",
                 )
             raise
+        if req.dedupe is not None:
+            await self.store.write(self.store.sync.tx_remember, *req.dedupe, [txid])
         for r in routes:
             log.info("accepted", transaction_id=txid, route=r.name, status="preparation")
         return txid

@@ -12,12 +12,14 @@ allows); PostgreSQL several.
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -76,6 +78,10 @@ class Claim:
     document: Document | None
 
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
 class Store(DirectoryStore):
     """Synchronous access to the schema; see ``AsyncStore`` for use from the event loop."""
 
@@ -93,6 +99,9 @@ class Store(DirectoryStore):
         self.engine: Engine = sa.create_engine(self.url, **kwargs)
         if self.is_sqlite:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            # pysqlite begins transactions lazily and breaks SAVEPOINT, which group commit
+            # needs: let SQLAlchemy emit BEGIN itself (the SQLAlchemy SQLite docs' recipe).
+            sa.event.listen(self.engine, "begin", _sqlite_begin)
 
     def create_schema(self) -> None:
         metadata.create_all(self.engine)
@@ -100,9 +109,43 @@ class Store(DirectoryStore):
     def dispose(self) -> None:
         self.engine.dispose()
 
-    # -- documents -------------------------------------------------------------------------
-    def accept_document(
+    def transaction(
+        self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Run one ``tx_*`` method in a transaction of its own (tests, tools, start-up)."""
+        with self.engine.begin() as c:
+            return fn(c, *args, **kwargs)
+
+    # Synchronous one-transaction forms of the ``tx_*`` methods, for tests and tools; the engine
+    # goes through ``AsyncStore.write``, which commits many of them together.
+    def accept_document(self, **kwargs: Any) -> None:
+        self.transaction(self.tx_accept_document, **kwargs)
+
+    def remember(self, sender: str, message_id: str, transaction_ids: list[str]) -> None:
+        self.transaction(self.tx_remember, sender, message_id, transaction_ids)
+
+    def apply_directory_update(
+        self, update: DirectoryUpdate, dedupe: tuple[str, str] | None = None
+    ) -> tuple[str, str | None]:
+        return self.transaction(self.tx_apply_directory_update, update, dedupe)
+
+    def claim(self, transaction_id: str, route: str) -> Claim | None:
+        return self.transaction(self.tx_claim, transaction_id, route)
+
+    def set_status(
         self,
+        transaction_id: str,
+        route: str,
+        status: Status,
+        reason: str | None = None,
+        sent_at: datetime | None = None,
+    ) -> Status | None:
+        return self.transaction(self.tx_set_status, transaction_id, route, status, reason, sent_at)
+
+    # -- documents -------------------------------------------------------------------------
+    def tx_accept_document(
+        self,
+        c: Connection,
         *,
         transaction_id: str,
         created_at: datetime,
@@ -115,59 +158,51 @@ class Store(DirectoryStore):
         encounter_id: str | None,
         payload: bytes,
         routes: Iterable[str],
-        dedupe: tuple[str, str] | None = None,
     ) -> None:
-        """Commit a document, its payload and one delivery per route (preparation) at once.
-
-        ``dedupe`` (sender, message id) is remembered in the same transaction, so a sender that
-        resends after a lost ACK finds it, and the document is never half-remembered.
-        """
+        """Commit a document, its payload and one delivery per route (preparation) at once."""
         at = now()
         route_list = list(routes)
-        with self.engine.begin() as c:
-            c.execute(
-                documents.insert().values(
-                    transaction_id=transaction_id,
-                    created_at=created_at,
-                    content_type=content_type,
-                    document_type=document_type,
-                    title=title,
-                    sender_identifier=sender_identifier,
-                    sender_application=sender_application,
-                    patient_id=patient_id,
-                    encounter_id=encounter_id,
-                    payload_size=len(payload),
-                )
+        c.execute(
+            documents.insert().values(
+                transaction_id=transaction_id,
+                created_at=created_at,
+                content_type=content_type,
+                document_type=document_type,
+                title=title,
+                sender_identifier=sender_identifier,
+                sender_application=sender_application,
+                patient_id=patient_id,
+                encounter_id=encounter_id,
+                payload_size=len(payload),
             )
-            c.execute(payloads.insert().values(transaction_id=transaction_id, data=payload))
-            if dedupe is not None:
-                _remember(c, dedupe, [transaction_id])
-            c.execute(
-                deliveries.insert(),
-                [
-                    {
-                        "transaction_id": transaction_id,
-                        "route": r,
-                        "status": Status.PREPARATION.value,
-                        "status_at": at,
-                        "attempts": 0,
-                    }
-                    for r in route_list
-                ],
-            )
-            c.execute(
-                status_events.insert(),
-                [
-                    {
-                        "transaction_id": transaction_id,
-                        "route": r,
-                        "status": Status.PREPARATION.value,
-                        "at": at,
-                        "reason": "accepted",
-                    }
-                    for r in route_list
-                ],
-            )
+        )
+        c.execute(payloads.insert().values(transaction_id=transaction_id, data=payload))
+        c.execute(
+            deliveries.insert(),
+            [
+                {
+                    "transaction_id": transaction_id,
+                    "route": r,
+                    "status": Status.PREPARATION.value,
+                    "status_at": at,
+                    "attempts": 0,
+                }
+                for r in route_list
+            ],
+        )
+        c.execute(
+            status_events.insert(),
+            [
+                {
+                    "transaction_id": transaction_id,
+                    "route": r,
+                    "status": Status.PREPARATION.value,
+                    "at": at,
+                    "reason": "accepted",
+                }
+                for r in route_list
+            ],
+        )
 
     def seen(self, sender: str, message_id: str, window: timedelta) -> list[str] | None:
         """The transaction ids of a message this sender already sent within ``window``."""
@@ -180,12 +215,13 @@ class Store(DirectoryStore):
             return None
         return [t for t in row.transaction_ids.split(",") if t]
 
-    def remember(self, sender: str, message_id: str, transaction_ids: list[str]) -> None:
-        with self.engine.begin() as c:
-            _remember(c, (sender, message_id), transaction_ids)
+    def tx_remember(
+        self, c: Connection, sender: str, message_id: str, transaction_ids: list[str]
+    ) -> None:
+        _remember(c, (sender, message_id), transaction_ids)
 
-    def apply_directory_update(
-        self, update: DirectoryUpdate, dedupe: tuple[str, str] | None = None
+    def tx_apply_directory_update(
+        self, c: Connection, update: DirectoryUpdate, dedupe: tuple[str, str] | None = None
     ) -> tuple[str, str | None]:
         """Apply an ADT event in one transaction; returns (patient id, encounter id).
 
@@ -193,20 +229,17 @@ class Store(DirectoryStore):
         nothing that exists.
         """
         overwrite = update.kind != "ensure"
-        with self.engine.begin() as c:
-            patient = self.upsert_patient(c, update.patient, update.organization, overwrite)
-            encounter_id = None
-            if update.encounter is not None:
-                encounter = self.upsert_encounter(
-                    c, update.encounter, patient["id"], update.organization, overwrite
-                )
-                encounter_id = encounter["id"]
-            if update.merge_from:
-                self.merge_patients(
-                    c, patient["id"], [(i.system, i.value) for i in update.merge_from]
-                )
-            if dedupe is not None:
-                _remember(c, dedupe, [])
+        patient = self.upsert_patient(c, update.patient, update.organization, overwrite)
+        encounter_id = None
+        if update.encounter is not None:
+            encounter = self.upsert_encounter(
+                c, update.encounter, patient["id"], update.organization, overwrite
+            )
+            encounter_id = encounter["id"]
+        if update.merge_from:
+            self.merge_patients(c, patient["id"], [(i.system, i.value) for i in update.merge_from])
+        if dedupe is not None:
+            _remember(c, dedupe, [])
         return patient["id"], encounter_id
 
     def transaction_exists(self, transaction_id: str) -> bool:
@@ -216,44 +249,43 @@ class Store(DirectoryStore):
             )
             return c.execute(q).first() is not None
 
-    def claim(self, transaction_id: str, route: str) -> Claim | None:
+    def tx_claim(self, c: Connection, transaction_id: str, route: str) -> Claim | None:
         """Take a delivery for work: in-progress (with the attempt counted) unless it is final.
 
         Returns None when the delivery does not exist; ``Claim.document`` is None when the
         delivery is already final (a redelivered queue item), so the caller just acknowledges it.
         """
-        with self.engine.begin() as c:
-            row = c.execute(
-                sa.select(deliveries.c.status).where(
-                    deliveries.c.transaction_id == transaction_id, deliveries.c.route == route
-                )
-            ).first()
-            if row is None:
-                return None
-            previous = Status(row[0])
-            if previous.is_final:
-                return Claim(previous, None)
-            at = now()
+        row = c.execute(
+            sa.select(deliveries.c.status).where(
+                deliveries.c.transaction_id == transaction_id, deliveries.c.route == route
+            )
+        ).first()
+        if row is None:
+            return None
+        previous = Status(row[0])
+        if previous.is_final:
+            return Claim(previous, None)
+        at = now()
+        c.execute(
+            deliveries.update()
+            .where(deliveries.c.transaction_id == transaction_id, deliveries.c.route == route)
+            .values(
+                status=Status.IN_PROGRESS.value,
+                status_at=at,
+                attempts=deliveries.c.attempts + 1,
+            )
+        )
+        if previous != Status.IN_PROGRESS:
             c.execute(
-                deliveries.update()
-                .where(deliveries.c.transaction_id == transaction_id, deliveries.c.route == route)
-                .values(
+                status_events.insert().values(
+                    transaction_id=transaction_id,
+                    route=route,
                     status=Status.IN_PROGRESS.value,
-                    status_at=at,
-                    attempts=deliveries.c.attempts + 1,
+                    at=at,
+                    reason=None,
                 )
             )
-            if previous != Status.IN_PROGRESS:
-                c.execute(
-                    status_events.insert().values(
-                        transaction_id=transaction_id,
-                        route=route,
-                        status=Status.IN_PROGRESS.value,
-                        at=at,
-                        reason=None,
-                    )
-                )
-            return Claim(previous, self._document(c, transaction_id))
+        return Claim(previous, self._document(c, transaction_id))
 
     def _document(self, c: Connection, transaction_id: str) -> Document:
         doc = c.execute(
@@ -282,8 +314,9 @@ class Store(DirectoryStore):
             sender_application=doc.sender_application,
         )
 
-    def set_status(
+    def tx_set_status(
         self,
+        c: Connection,
         transaction_id: str,
         route: str,
         status: Status,
@@ -292,29 +325,28 @@ class Store(DirectoryStore):
     ) -> Status | None:
         """Record a status change with its reason in the history; returns the previous status."""
         at = now()
-        with self.engine.begin() as c:
-            old = c.execute(
-                sa.select(deliveries.c.status).where(
-                    deliveries.c.transaction_id == transaction_id, deliveries.c.route == route
-                )
-            ).scalar()
-            values: dict[str, Any] = {"status": status.value, "status_at": at, "reason": reason}
-            if sent_at is not None:
-                values["sent_at"] = sent_at
-            c.execute(
-                deliveries.update()
-                .where(deliveries.c.transaction_id == transaction_id, deliveries.c.route == route)
-                .values(**values)
+        old = c.execute(
+            sa.select(deliveries.c.status).where(
+                deliveries.c.transaction_id == transaction_id, deliveries.c.route == route
             )
-            c.execute(
-                status_events.insert().values(
-                    transaction_id=transaction_id,
-                    route=route,
-                    status=status.value,
-                    at=at,
-                    reason=reason,
-                )
+        ).scalar()
+        values: dict[str, Any] = {"status": status.value, "status_at": at, "reason": reason}
+        if sent_at is not None:
+            values["sent_at"] = sent_at
+        c.execute(
+            deliveries.update()
+            .where(deliveries.c.transaction_id == transaction_id, deliveries.c.route == route)
+            .values(**values)
+        )
+        c.execute(
+            status_events.insert().values(
+                transaction_id=transaction_id,
+                route=route,
+                status=status.value,
+                at=at,
+                reason=reason,
             )
+        )
         return Status(old) if old else None
 
     def deliveries_of(self, transaction_id: str) -> list[DeliveryRow]:
@@ -350,12 +382,21 @@ class Store(DirectoryStore):
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    _sqlite_connect_autocommit(dbapi_connection)
     cur = dbapi_connection.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     # FULL: a commit is on disk before the sender is answered, power loss included.
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+def _sqlite_connect_autocommit(dbapi_connection: Any) -> None:
+    dbapi_connection.isolation_level = None
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN")
 
 
 def _remember(c: Connection, dedupe: tuple[str, str], transaction_ids: list[str]) -> None:
@@ -387,22 +428,125 @@ def _delivery(r: Any) -> DeliveryRow:
     )
 
 
-P = ParamSpec("P")
-T = TypeVar("T")
+@dataclass
+class _Write:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+    def settle(self, result: Any = None, error: BaseException | None = None) -> None:
+        def done() -> None:
+            if self.future.cancelled():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(done)
+
+
+class _GroupCommit:
+    """Writer threads that commit whatever writes are waiting in one transaction.
+
+    Each write still gets its own answer only after the commit that holds it, so "durable before
+    the sender is answered" is kept, but concurrent writers share one commit (one fsync) instead
+    of paying one each. A write that fails rolls back to its own savepoint and fails alone.
+    """
+
+    def __init__(self, engine: Engine, threads: int, max_batch: int = 128) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self.queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        self.threads = [
+            threading.Thread(target=self._run, name=f"store-writer-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def submit(self, write: _Write) -> None:
+        self.queue.put(write)
+
+    def close(self) -> None:
+        for _ in self.threads:
+            self.queue.put(None)
+        for t in self.threads:
+            t.join()
+
+    def _run(self) -> None:
+        while True:
+            first = self.queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list[_Write]) -> None:
+        outcomes: list[tuple[_Write, Any, BaseException | None]] = []
+        try:
+            with self.engine.begin() as c:
+                if len(batch) == 1:
+                    w = batch[0]
+                    outcomes.append((w, w.fn(c, *w.args, **w.kwargs), None))
+                else:
+                    for w in batch:
+                        savepoint = c.begin_nested()
+                        try:
+                            result = w.fn(c, *w.args, **w.kwargs)
+                        except Exception as exc:
+                            savepoint.rollback()
+                            outcomes.append((w, None, exc))
+                        else:
+                            savepoint.commit()
+                            outcomes.append((w, result, None))
+        except Exception as exc:
+            for w in batch:
+                w.settle(error=exc)
+            return
+        for w, result, error in outcomes:
+            w.settle(result, error)
 
 
 class AsyncStore:
-    """Runs ``Store`` calls on a thread pool sized for the database."""
+    """The store from the event loop: reads on a thread pool, writes through group commit."""
 
     def __init__(self, store: Store) -> None:
         self.sync = store
-        workers = 1 if store.is_sqlite else 8
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store")
+        # SQLite: one writer (the file allows no more), two readers (WAL lets them run beside it).
+        readers, writers = (2, 1) if store.is_sqlite else (8, 4)
+        self._pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="store-read")
+        self._writes = _GroupCommit(store.engine, writers)
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a read (or a rare self-contained write) on the reader pool."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
 
+    async def write(
+        self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Run a ``tx_*`` method; returns once the transaction that holds it is committed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._writes.submit(_Write(fn, args, kwargs, loop, future))
+        return await future
+
     def close(self) -> None:
+        self._writes.close()
         self._pool.shutdown(wait=True)
         self.sync.dispose()

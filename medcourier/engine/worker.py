@@ -43,8 +43,8 @@ class RouteWorker:
     async def set_status(
         self, item: WorkItem, status: Status, reason: str | None = None, **kw: Any
     ) -> None:
-        old = await self.store.run(
-            self.store.sync.set_status, item.transaction_id, item.route, status, reason, **kw
+        old = await self.store.write(
+            self.store.sync.tx_set_status, item.transaction_id, item.route, status, reason, **kw
         )
         self._changed(item.transaction_id, old, status, reason)
 
@@ -62,7 +62,7 @@ class RouteWorker:
 
     async def handle(self, item: WorkItem) -> None:
         """Deliver one queue item; returning acknowledges it, raising puts it back."""
-        claim = await self.store.run(self.store.sync.claim, item.transaction_id, item.route)
+        claim = await self.store.write(self.store.sync.tx_claim, item.transaction_id, item.route)
         if claim is None:
             log.warning(
                 "unknown delivery dropped", transaction_id=item.transaction_id, route=item.route
