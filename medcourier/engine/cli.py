@@ -24,6 +24,15 @@ def _parser(plugins: Plugins) -> argparse.ArgumentParser:
     run.add_argument("--config", "-c", required=True, help="YAML configuration file")
     check = sub.add_parser("check", help="validate a config file and exit (non-zero if invalid)")
     check.add_argument("config", help="YAML configuration file")
+    render = sub.add_parser(
+        "render", help="print what a route would send for a document, without sending it"
+    )
+    render.add_argument("--config", "-c", required=True, help="YAML configuration file")
+    render.add_argument("--route", "-r", required=True, help="route name")
+    render.add_argument(
+        "--input", "-i", required=True, help="document JSON (see config/examples/document.json)"
+    )
+    render.add_argument("--out", "-o", help="write the rendering to this file instead of stdout")
     for command in plugins.commands.values():
         command.add_arguments(sub.add_parser(command.name, help=command.help))
     return parser
@@ -65,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "run":
             return asyncio.run(_run(args.config, plugins))
+        if args.command == "render":
+            from medcourier.engine.render_cli import render_command
+
+            return render_command(args, plugins)
         mclog.configure("info")
         result = plugins.commands[args.command].run(args)
         if inspect.isawaitable(result):
