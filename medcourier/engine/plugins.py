@@ -112,7 +112,9 @@ def load_plugins(extra: Iterable[object] = ()) -> Plugins:
     pm.add_hookspecs(hookspecs)
     pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     for plugin in extra:
-        pm.register(plugin)
+        # a module the entry points already loaded is the same plugin, not a second one
+        if not pm.is_registered(plugin):
+            pm.register(plugin)
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
