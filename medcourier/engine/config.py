@@ -138,9 +138,7 @@ class Route:
 class Inbound:
     """An inbound channel with its options parsed by the channel's plugin."""
 
-    def __init__(
-        self, name: str, channel: str, options: Any, routes: tuple[str, ...] = ()
-    ) -> None:
+    def __init__(self, name: str, channel: str, options: Any, routes: tuple[str, ...] = ()) -> None:
         self.name = name
         self.channel = channel
         self.options = options
@@ -204,9 +202,18 @@ def _errors(exc: ValidationError, prefix: str = "") -> list[str]:
 
 
 def parse_config(
-    text: str, plugins: Plugins, source: str = "<config>", env: Mapping[str, str] | None = None
+    text: str,
+    plugins: Plugins,
+    source: str = "<config>",
+    env: Mapping[str, str] | None = None,
+    config_dir: Path | None = None,
 ) -> Config:
-    """Parse and check a YAML config; raise ConfigError listing every problem found."""
+    """Parse and check a YAML config; raise ConfigError listing every problem found.
+
+    Plugin options see ``config_dir`` in their validation context, so files a config names
+    (templates, schemas) are found beside it wherever the engine is started from.
+    """
+    context: dict[str, Any] = {"config_dir": config_dir or Path.cwd()}
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -238,7 +245,9 @@ def parse_config(
             problems.append(f"{where}.format: unknown format {rs.format!r} (known: {known})")
         else:
             try:
-                format_options = fmt.options_model.model_validate(rs.format_options)
+                format_options = fmt.options_model.model_validate(
+                    rs.format_options, context=context
+                )
             except ValidationError as exc:
                 problems.extend(_errors(exc, f"{where}.format_options"))
         deliver_options: Any = None
@@ -251,7 +260,9 @@ def parse_config(
             )
         else:
             try:
-                deliver_options = connector.options_model.model_validate(rs.deliver)
+                deliver_options = connector.options_model.model_validate(
+                    rs.deliver, context=context
+                )
             except ValidationError as exc:
                 problems.extend(_errors(exc, f"{where}.deliver"))
         if not rs.match.organizations and not rs.match.fallback:
@@ -259,13 +270,15 @@ def parse_config(
         routes.append(Route(rs, format_options, deliver_options))
     if sum(1 for r in settings.routes if r.match.fallback) > 1:
         problems.append("routes: at most one route may have match.fallback: true")
-    inbound = _inbound(settings, plugins, problems)
+    inbound = _inbound(settings, plugins, problems, context)
     if problems:
         raise ConfigError(problems, source)
     return Config(settings, routes, source, inbound)
 
 
-def _inbound(settings: Settings, plugins: Plugins, problems: list[str]) -> list[Inbound]:
+def _inbound(
+    settings: Settings, plugins: Plugins, problems: list[str], context: dict[str, Any]
+) -> list[Inbound]:
     found: list[Inbound] = []
     names: set[str] = set()
     for i, raw in enumerate(settings.inbound):
@@ -293,7 +306,7 @@ def _inbound(settings: Settings, plugins: Plugins, problems: list[str]) -> list[
                 problems.append(f"{where}.routes[{j}]: no route named {route!r}")
         try:
             options = kind.options_model.model_validate(
-                {k: v for k, v in raw.items() if k not in ("name", "routes")}
+                {k: v for k, v in raw.items() if k not in ("name", "routes")}, context=context
             )
         except ValidationError as exc:
             problems.extend(_errors(exc, where))
@@ -309,4 +322,4 @@ def load_config(path: str | Path, plugins: Plugins, env: Mapping[str, str] | Non
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"cannot read the file: {exc.strerror}"], str(p)) from exc
-    return parse_config(text, plugins, str(p), env)
+    return parse_config(text, plugins, str(p), env, p.resolve().parent)
