@@ -349,3 +349,41 @@ def test_files_through_the_engine(lt: LoopThread, tmp_path: Path) -> None:
     name = f"ORU_{day}_{txid}.hl7"
     assert listing(out) == [name, f"{name}.ok"]
     assert (out / name).read_bytes().startswith(b"MSH|^~\\&|")
+
+
+def test_hprim_companion_is_written_before_the_file_that_names_it(tmp_path: Path) -> None:
+    """An HPRIM file in FIC mode names its PDF: the PDF lands first, the .ok last."""
+    from medcourier.transforms.hprim.writer import HprimOptions, render
+
+    doc_payload = pdf_bytes(2000)
+    from medcourier.engine.model import Document
+
+    document = Document(
+        transaction_id="01a200c28a731cd4e468",
+        created_at=datetime(2026, 11, 21, 12, 0, tzinfo=UTC),
+        content_type="application/pdf",
+        document_type="11488-4",
+        title="CR",
+        payload=doc_payload,
+        patient={
+            "resourceType": "Patient",
+            "id": "p",
+            "name": [{"family": "Durand"}],
+            "identifier": [{"system": "urn:oid:1.2.3", "value": "IPP1"}],
+        },
+    )
+    rendered = render(document, HprimOptions(receiver_id="CHG77"))
+    assert len(rendered.companions) == 1
+    companion_name, companion_data = rendered.companions[0]
+    assert companion_data == doc_payload
+    assert companion_name.encode("latin-1") in rendered.data  # the FIC OBX names it
+
+    result = asyncio.run(sender(tmp_path, ok_file=True).deliver(rendered))
+    assert result.outcome is Outcome.ACCEPTED
+    written = {p.name: p for p in tmp_path.iterdir()}
+    main = written[rendered.filename_hint]
+    assert written[companion_name].read_bytes() == doc_payload
+    ok = written[f"{main.name}.ok"]
+    # written in that order (the clock may not tell them apart, hence <=)
+    times = [p.stat().st_mtime_ns for p in (written[companion_name], main, ok)]
+    assert times == sorted(times)

@@ -59,12 +59,18 @@ class Issue:
 
 @dataclass(frozen=True)
 class Rendered:
-    """A document rendered for one destination."""
+    """A document rendered for one destination.
+
+    ``companions`` are files that must be delivered beside the main one, under exactly these
+    names (an HPRIM file names its PDF in an OBX of type FIC): connectors that cannot deliver
+    them refuse the rendering rather than drop them.
+    """
 
     data: bytes
     media_type: str
     filename_hint: str
     message_id: str
+    companions: tuple[tuple[str, bytes], ...] = ()
 
 
 class Outcome(enum.StrEnum):

@@ -151,6 +151,16 @@ class FileSender:
         if problem is not None:
             return DeliveryResult.retry(problem)
         try:
+            # Companions first: once the main file (and its .ok) appear, what it names is there.
+            for companion, data in rendered.companions:
+                _check_name(companion)
+                placed, _ = _place(directory, companion, data)
+                if placed.name != companion:
+                    placed.unlink()
+                    return DeliveryResult.rejected(
+                        f"{companion} already exists with other content; the main file names "
+                        "it, so it cannot be renamed"
+                    )
             path, duplicate = _place(directory, name, rendered.data)
         except _NameTooLong as exc:
             return DeliveryResult.rejected(str(exc))

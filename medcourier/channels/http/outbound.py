@@ -258,6 +258,11 @@ class HttpSender:
 
     async def deliver(self, rendered: Rendered) -> DeliveryResult:
         """Send one rendering and classify the answer; network trouble is a retry, never raised."""
+        if rendered.companions:
+            return DeliveryResult.rejected(
+                "this format delivers companion files, which the http connector cannot send: "
+                "use the file connector or a single-file format option"
+            )
         url = self.options.url_for(rendered.message_id)
         headers = {
             "Content-Type": rendered.media_type,

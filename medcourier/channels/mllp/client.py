@@ -99,6 +99,11 @@ class MllpSender:
 
     async def deliver(self, rendered: Rendered) -> DeliveryResult:
         """Send one message and turn the ACK (or its absence) into a delivery result."""
+        if rendered.companions:
+            return DeliveryResult.rejected(
+                "this format delivers companion files, which MLLP cannot carry: use the file "
+                "connector"
+            )
         async with self._lock:
             try:
                 return await self._exchange(rendered)
