@@ -1,0 +1,152 @@
+"""The example config's demo hospitals, end to end with real processes: change the patient's
+organization and the same document leaves as vendor JSON over HTTP or as HPRIM files."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from medcourier.transforms.hprim.reader import parse_hprim
+from tests.harness import eventually, free_port, pdf_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "medcourier.engine.cli"]
+
+
+class Demo:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.http_port, self.json_port = free_port(), free_port()
+        self.token = uuid.uuid4().hex * 2
+        self.data = tmp / "var"
+        self.env = {
+            **os.environ,
+            "MEDCOURIER_API_TOKEN": self.token,
+            "MEDCOURIER_HTTP_PORT": str(self.http_port),
+            "MEDCOURIER_MLLP_PORT": str(free_port()),
+            "MEDCOURIER_DATA_DIR": str(self.data),
+            "MEDCOURIER_INSTANCE": f"mcdemo-{uuid.uuid4().hex[:8]}",
+            "DEMO_EHR_MLLP": f"127.0.0.1:{free_port()}",
+            "DEMO_JSON_URL": f"http://127.0.0.1:{self.json_port}/documents",
+        }
+        for var in ("MEDCOURIER_BROKER_URL", "MEDCOURIER_STORE_URL"):
+            self.env.pop(var, None)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.base = f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, *args: str) -> None:
+        log = (self.tmp / f"{args[0]}.log").open("ab")
+        self.procs.append(
+            subprocess.Popen(
+                [*CLI, *args], env=self.env, cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT
+            )
+        )
+        log.close()
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.base, timeout=30, headers={"Authorization": f"Bearer {self.token}"}
+        )
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            proc.wait(30)
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[Demo]:
+    d = Demo(tmp_path)
+    d.start("simulate-json", "--port", str(d.json_port), "--out", str(tmp_path / "json"))
+    d.start("run", "--config", str(ROOT / "config/example.yaml"))
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{d.base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the engine did not start"
+        time.sleep(0.1)
+    yield d
+    d.stop()
+
+
+def _send(c: httpx.Client, organization: str, payload: bytes) -> str:
+    patient = c.post(
+        "/fhir/Patient",
+        json={
+            "resourceType": "Patient",
+            "identifier": [{"system": "urn:oid:1.2.250.1.999.1", "value": f"IPP-{organization}"}],
+            "name": [{"use": "official", "family": 'Bérénice "Démo"', "given": ["Ève"]}],
+            "birthDate": "1990-01-02",
+            "gender": "female",
+            "managingOrganization": {"reference": f"Organization/{organization}"},
+        },
+    ).json()
+    r = c.post(
+        "/fhir/CommunicationRequest/$send-to-ehr",
+        json={
+            "resourceType": "Parameters",
+            "parameter": [
+                {"name": "subject", "valueReference": {"reference": f"Patient/{patient['id']}"}},
+                {"name": "payload", "valueString": base64.b64encode(payload).decode()},
+            ],
+        },
+    )
+    assert r.status_code == 200, r.text
+    txid: str = r.json()["parameter"][1]["valueString"]
+
+    def done() -> bool:
+        bundle: dict[str, Any] = c.get(
+            "/fhir/CommunicationRequest/$tracking", params={"transaction-id": txid}
+        ).json()
+        status = bundle["entry"][0]["resource"]["status"]
+        assert status != "entered-in-error", bundle
+        return bool(status == "completed")
+
+    eventually(done, 30, f"{organization} delivery completed")
+    return txid
+
+
+def test_demo_json_posts_the_vendor_document(demo: Demo) -> None:
+    payload = pdf_bytes(3000)
+    with demo.client() as c:
+        txid = _send(c, "demo-json", payload)
+    received = list((demo.tmp / "json").glob(f"*{txid}*.json"))
+    assert len(received) == 1
+    body = json.loads(received[0].read_text(encoding="utf-8"))
+    assert body["messageId"] == txid
+    assert body["patient"]["birthName"] == 'Bérénice "Démo"'
+    assert base64.b64decode(body["document"]["content"]) == payload
+
+
+def test_demo_hprim_writes_hprim_with_its_pdf_and_ok(demo: Demo) -> None:
+    payload = pdf_bytes(3000)
+    with demo.client() as c:
+        _send(c, "demo-hprim", payload)
+    out = demo.data / "out" / "hprim"
+    hpr = [p for p in out.iterdir() if p.suffix.upper() == ".HPR"]
+    assert len(hpr) == 1
+    assert (out / f"{hpr[0].name}.ok").exists()
+    message = parse_hprim(hpr[0].read_bytes())
+    text = hpr[0].read_bytes().decode("latin-1")
+    assert "Bérénice" in text  # ISO-8859-1 on disk
+    files = [
+        f for patient in message.patients for request in patient.requests for f in request.files
+    ]
+    assert len(files) == 1
+    assert (out / files[0].name).read_bytes() == payload
