@@ -148,7 +148,8 @@ def test_sigkill_mid_flow_loses_nothing_accepted(
     proc = _start(config, log)
     try:
         _wait_up(base, proc)
-        assert _send(mllp_port, ADT.encode()) == "AA"
+        code = _send(mllp_port, ADT.encode())
+        assert code == "AA", f"ADT answered {code}: {log.read_text()[-3000:]}"
 
         acked: set[str] = set()
         unacked: list[int] = []

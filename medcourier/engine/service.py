@@ -96,9 +96,10 @@ class Engine:
             worker = RouteWorker(route, self.plugins, self.store)
             self.workers[route.name] = worker
             await self.broker.consume(route.name, worker.handle)
+        await self._start_inbound()
+        # HTTP last: once /health answers, every listener and folder is up as well.
         if http:
             await self._start_http()
-        await self._start_inbound()
         log.info(
             "engine started",
             routes=names,
@@ -120,7 +121,7 @@ class Engine:
             log.info("work recovered from the store", count=len(pending))
 
     async def _start_inbound(self) -> None:
-        """Listeners and folders start last: by then everything they hand work to is running."""
+        """Listeners and folders start after the workers, which take the work they hand on."""
         window = timedelta(hours=self.config.settings.duplicate_window_hours)
         for spec in self.config.inbound:
             sink = EngineSink(self, window, spec.routes)

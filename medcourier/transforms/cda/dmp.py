@@ -35,7 +35,7 @@ import binascii
 import io
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -57,6 +57,7 @@ from medcourier.transforms.cda.xds import (
     media_type_key,
     xds_metadata,
 )
+from medcourier.transforms.fhir_json import as_dict, as_dicts, as_str, as_strs
 
 FORMAT_NAME = "cda-dmp"
 # The XDS mimeType of a CDA document; "application/hl7-cda+xml" is not a registered type.
@@ -404,7 +405,7 @@ def render_cda(
     )
     if not found or marker.encode("ascii") in tail:
         raise RenderError("internal error: the body marker is not unique in the CDA header")
-    return _splice_base64(head, payload, tail)
+    return splice_base64(head, payload, tail)
 
 
 def _check_replacement(replacement: Replacement) -> None:
@@ -416,7 +417,7 @@ def _check_replacement(replacement: Replacement) -> None:
         raise RenderError("the replaced document's versionNumber must be 1 or more")
 
 
-def _splice_base64(head: bytes, payload: bytes, tail: bytes) -> bytes:
+def splice_base64(head: bytes, payload: bytes, tail: bytes) -> bytes:
     """``head + base64(payload) + tail`` without ever holding the whole Base64 text apart."""
     out = io.BytesIO()
     out.write(head)
@@ -527,11 +528,11 @@ def patient_identity(patient: Mapping[str, Any]) -> PatientIdentity:
     problems = identity.problems
 
     invalid_ins: list[str] = []
-    for identifier in _dicts(patient.get("identifier")):
+    for identifier in as_dicts(patient.get("identifier")):
         if identifier.get("use") == "old":
             continue
-        system = _str(identifier.get("system"))
-        value = re.sub(r"\s", "", _str(identifier.get("value")))
+        system = as_str(identifier.get("system"))
+        value = re.sub(r"\s", "", as_str(identifier.get("value")))
         if not system.startswith("urn:oid:") or not value:
             continue
         oid = system[len("urn:oid:") :]
@@ -555,12 +556,12 @@ def patient_identity(patient: Mapping[str, Any]) -> PatientIdentity:
             )
         problems.append(Issue(message, location="Patient.identifier"))
 
-    names = list(_dicts(patient.get("name")))
+    names = list(as_dicts(patient.get("name")))
     official = next((n for n in names if n.get("use") == "official"), None)
     usual = next((n for n in names if n.get("use") == "usual"), None)
     if official is not None:
-        identity.birth_family = _str(official.get("family")).strip() or None
-        given = [g.strip() for g in _strs(official.get("given")) if g.strip()]
+        identity.birth_family = as_str(official.get("family")).strip() or None
+        given = [g.strip() for g in as_strs(official.get("given")) if g.strip()]
         identity.first_given = given[0] if given else None
         listed = _extension_value(official, BIRTH_LIST_GIVEN_NAME_URL, "valueString")
         identity.given_list = listed.strip() if listed and listed.strip() else None
@@ -569,8 +570,8 @@ def patient_identity(patient: Mapping[str, Any]) -> PatientIdentity:
         if identity.first_given is None and identity.given_list:
             identity.first_given = identity.given_list.split()[0]
     if usual is not None:
-        identity.used_family = _str(usual.get("family")).strip() or None
-        used_given = [g.strip() for g in _strs(usual.get("given")) if g.strip()]
+        identity.used_family = as_str(usual.get("family")).strip() or None
+        used_given = [g.strip() for g in as_strs(usual.get("given")) if g.strip()]
         identity.used_given = used_given[0] if used_given else None
     if identity.birth_family is None:
         problems.append(
@@ -595,7 +596,7 @@ def patient_identity(patient: Mapping[str, Any]) -> PatientIdentity:
             )
         )
 
-    gender = _str(patient.get("gender"))
+    gender = as_str(patient.get("gender"))
     identity.gender = GENDER.get(gender)
     if identity.gender is None:
         problems.append(Issue("the patient's gender is missing", location="Patient.gender"))
@@ -621,8 +622,8 @@ def patient_identity(patient: Mapping[str, Any]) -> PatientIdentity:
             )
         )
 
-    identity.addresses = [a for a in _dicts(patient.get("address")) if _has_address_parts(a)]
-    for contact in _dicts(patient.get("telecom")):
+    identity.addresses = [a for a in as_dicts(patient.get("address")) if _has_address_parts(a)]
+    for contact in as_dicts(patient.get("telecom")):
         telecom = _telecom(contact)
         if telecom is not None:
             identity.telecoms.append(telecom)
@@ -630,22 +631,22 @@ def patient_identity(patient: Mapping[str, Any]) -> PatientIdentity:
 
 
 def _birth_place(patient: Mapping[str, Any]) -> tuple[str | None, str | None]:
-    for extension in _dicts(patient.get("extension")):
+    for extension in as_dicts(patient.get("extension")):
         if extension.get("url") not in BIRTH_PLACE_URLS:
             continue
-        address = _dict(extension.get("valueAddress"))
+        address = as_dict(extension.get("valueAddress"))
         code = None
-        for inner in _dicts(address.get("extension")):
+        for inner in as_dicts(address.get("extension")):
             if inner.get("url") == INSEE_CODE_URL:
-                code = _str(_dict(inner.get("valueCoding")).get("code")).strip() or None
+                code = as_str(as_dict(inner.get("valueCoding")).get("code")).strip() or None
         if code is None:
-            code = _str(address.get("district")).strip() or None
-        return code, _str(address.get("city")).strip() or None
+            code = as_str(address.get("district")).strip() or None
+        return code, as_str(address.get("city")).strip() or None
     return None, None
 
 
 def _extension_value(element: Mapping[str, Any], url: str, key: str) -> str | None:
-    for extension in _dicts(element.get("extension")):
+    for extension in as_dicts(element.get("extension")):
         if extension.get("url") == url:
             value = extension.get(key)
             return value if isinstance(value, str) else None
@@ -654,22 +655,22 @@ def _extension_value(element: Mapping[str, Any], url: str, key: str) -> str | No
 
 def _has_address_parts(address: Mapping[str, Any]) -> bool:
     return bool(
-        _strs(address.get("line"))
-        or any(_str(address.get(k)).strip() for k in ("city", "postalCode", "country"))
+        as_strs(address.get("line"))
+        or any(as_str(address.get(k)).strip() for k in ("city", "postalCode", "country"))
     )
 
 
 def _telecom(contact: Mapping[str, Any]) -> tuple[str, str | None] | None:
     """A ContactPoint as a TEL URL (``tel:``, ``fax:``, ``mailto:``) and its CDA use."""
-    scheme = _TELECOM_SCHEME.get(_str(contact.get("system")))
-    value = _str(contact.get("value")).strip()
+    scheme = _TELECOM_SCHEME.get(as_str(contact.get("system")))
+    value = as_str(contact.get("value")).strip()
     if scheme is None or not value:
         return None
     if scheme != "mailto":
         value = _PHONE_NOISE.sub("", value)
         if not re.fullmatch(r"\+?\d+", value):
             return None
-    return f"{scheme}:{value}", _TELECOM_USE.get(_str(contact.get("use")))
+    return f"{scheme}:{value}", _TELECOM_USE.get(as_str(contact.get("use")))
 
 
 # --- the tree --------------------------------------------------------------------------------
@@ -792,14 +793,14 @@ def _address(parent: Any, address: Mapping[str, Any]) -> None:
     code and city searchable, so the free-text FHIR lines go to ``streetName`` (the first, which
     holds the number and street as written) and ``additionalLocator`` (the others).
     """
-    addr = _el(parent, "addr", use=_ADDRESS_USE.get(_str(address.get("use"))))
-    lines = [line.strip() for line in _strs(address.get("line")) if line.strip()]
+    addr = _el(parent, "addr", use=_ADDRESS_USE.get(as_str(address.get("use"))))
+    lines = [line.strip() for line in as_strs(address.get("line")) if line.strip()]
     if lines:
         _el(addr, "streetName", text=lines[0])
     if len(lines) > 1:
         _el(addr, "additionalLocator", text=", ".join(lines[1:]))
     for key in ("postalCode", "city", "country"):
-        value = _str(address.get(key)).strip()
+        value = as_str(address.get(key)).strip()
         if value:
             _el(addr, key, text=value)
 
@@ -851,9 +852,9 @@ def _encompassing_encounter(
     root: Any, document: Document, metadata: XdsMetadata, low: str, high: str | None
 ) -> None:
     encounter = _el(_el(root, "componentOf"), "encompassingEncounter")
-    for identifier in _dicts((document.encounter or {}).get("identifier")):
-        system = _str(identifier.get("system"))
-        value = _str(identifier.get("value")).strip()
+    for identifier in as_dicts((document.encounter or {}).get("identifier")):
+        system = as_str(identifier.get("system"))
+        value = as_str(identifier.get("value")).strip()
         if system.startswith("urn:oid:") and _OID.fullmatch(system[8:]) and value:
             _el(encounter, "id", root=system[8:], extension=value)
             break
@@ -877,7 +878,7 @@ def _period(parent: Any, low: str, high: str | None) -> None:
 
 
 def _encounter_period(document: Document) -> tuple[str | None, str | None]:
-    period = _dict((document.encounter or {}).get("period"))
+    period = as_dict((document.encounter or {}).get("period"))
     low = _cda_datetime(period.get("start"))
     high = _cda_datetime(period.get("end")) if low else None
     return low, high
@@ -931,23 +932,3 @@ def _cda_datetime(value: object) -> str | None:
 
 
 # --- tolerant JSON access --------------------------------------------------------------------
-
-
-def _str(value: object) -> str:
-    return value if isinstance(value, str) else ""
-
-
-def _strs(value: object) -> list[str]:
-    if not isinstance(value, list):
-        return []
-    return [item for item in value if isinstance(item, str) and item]
-
-
-def _dict(value: object) -> Mapping[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _dicts(value: object) -> Iterable[Mapping[str, Any]]:
-    if not isinstance(value, list):
-        return ()
-    return [item for item in value if isinstance(item, dict)]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from medcourier.engine.errors import RenderError
 from medcourier.engine.model import Document, Issue, Rendered
 from medcourier.engine.plugins import FormatType, hookimpl
+from medcourier.transforms.fhir_json import as_dict, as_dicts, as_str, as_strs, first_of
 from medcourier.transforms.hl7v2.escape import escape
 
 FORMAT_NAME = "hl7v2-oru"
@@ -158,7 +159,7 @@ def validate(document: Document, options: OruOptions | None = None) -> list[Issu
                 location="content_type",
             )
         )
-    problem = _control_id_problem(document.transaction_id)
+    problem = control_id_problem(document.transaction_id)
     if problem:
         issues.append(Issue(problem, location="transaction_id"))
     if not document.document_type.strip():
@@ -193,7 +194,7 @@ def validate(document: Document, options: OruOptions | None = None) -> list[Issu
             )
         )
     if document.encounter is not None:
-        period = _dict(document.encounter.get("period"))
+        period = as_dict(document.encounter.get("period"))
         for key in ("start", "end"):
             value = period.get(key)
             if value is not None and not _hl7_datetime(value):
@@ -220,11 +221,11 @@ def render(document: Document, options: OruOptions | None = None) -> Rendered:
             f"content type {document.content_type!r} cannot be sent in an HL7 v2 ED segment"
         )
     control_id = document.transaction_id
-    problem = _control_id_problem(control_id)
+    problem = control_id_problem(control_id)
     if problem:
         raise RenderError(problem)
 
-    created = _ts(document.created_at)
+    created = hl7_timestamp(document.created_at)
     doc_type = escape(document.document_type)
     title = escape(document.title)
     obr_display = escape(LOINC_DISPLAY.get(document.document_type, document.title))
@@ -234,7 +235,9 @@ def render(document: Document, options: OruOptions | None = None) -> Rendered:
     # payload is inserted between the two as bytes, so it is never decoded or copied as text.
     obx_head = f"OBX|1|ED|{doc_type}^{title}^LN||^{ed_type[0]}^{ed_type[1]}^Base64^"
     obx_tail = f"||||||F|||{created}||{_observer(document)}"
-    body = "\r".join((_pid(document.patient), _pv1(document.encounter), obr, obx_head))
+    body = "\r".join(
+        (pid_segment(document.patient), pv1_segment(document.encounter), obr, obx_head)
+    )
     msh = (
         f"MSH|^~\\&|{opts.sending_application}|{opts.sending_facility}"
         f"|{opts.receiving_application}|{opts.receiving_facility}|{created}"
@@ -262,10 +265,10 @@ def render(document: Document, options: OruOptions | None = None) -> Rendered:
 # --- segments -------------------------------------------------------------------------------
 
 
-def _pid(patient: Mapping[str, Any]) -> str:
+def pid_segment(patient: Mapping[str, Any]) -> str:
     home_phones: list[str] = []
     work_phones: list[str] = []
-    for contact in _dicts(patient.get("telecom")):
+    for contact in as_dicts(patient.get("telecom")):
         xtn = _xtn(contact)
         if xtn:
             (work_phones if contact.get("use") == "work" else home_phones).append(xtn)
@@ -278,10 +281,10 @@ def _pid(patient: Mapping[str, Any]) -> str:
         "~".join(_patient_names(patient)),
         "",
         _hl7_date(patient.get("birthDate")),
-        _SEX.get(_str(patient.get("gender")), ""),
+        _SEX.get(as_str(patient.get("gender")), ""),
         "",
         "",
-        "~".join(filter(None, map(_xad, _dicts(patient.get("address"))))),
+        "~".join(filter(None, map(_xad, as_dicts(patient.get("address"))))),
         "",
         "~".join(home_phones),
         "~".join(work_phones),
@@ -289,24 +292,24 @@ def _pid(patient: Mapping[str, Any]) -> str:
     return "|".join(fields).rstrip("|")
 
 
-def _pv1(encounter: Mapping[str, Any] | None) -> str:
+def pv1_segment(encounter: Mapping[str, Any] | None) -> str:
     if encounter is None:
         # PV1-2 is required; N (not applicable) says there is no visit rather than an unknown one.
         return "PV1|1|N"
     fields = [""] * 46
     fields[0] = "PV1"
     fields[1] = "1"
-    fields[2] = _PATIENT_CLASS.get(_str(_dict(encounter.get("class")).get("code")), "U")
-    location = _dict(_dict(_first(encounter.get("location"))).get("location"))
+    fields[2] = _PATIENT_CLASS.get(as_str(as_dict(encounter.get("class")).get("code")), "U")
+    location = as_dict(as_dict(first_of(encounter.get("location"))).get("location"))
     if location:
         # PL-1 (point of care) is a coded value; the human-readable display goes to PL-9.
-        code = escape(_str(_dict(location.get("identifier")).get("value")))
-        display = escape(_str(location.get("display")))
+        code = escape(as_str(as_dict(location.get("identifier")).get("value")))
+        display = escape(as_str(location.get("display")))
         fields[3] = f"{code}^^^^^^^^{display}".rstrip("^") if display else code
-    visit = _cx(_dict(_first(encounter.get("identifier"))), "VN")
+    visit = _cx(as_dict(first_of(encounter.get("identifier"))), "VN")
     if visit:
         fields[19] = visit
-    period = _dict(encounter.get("period"))
+    period = as_dict(encounter.get("period"))
     fields[44] = _hl7_datetime(period.get("start"))
     fields[45] = _hl7_datetime(period.get("end"))
     return "|".join(fields).rstrip("|")
@@ -328,9 +331,9 @@ def _observer(document: Document) -> str:
 def _patient_identifiers(patient: Mapping[str, Any]) -> list[str]:
     """PID-3 repetitions; the resource id stands in when there is no identifier, PID-3 being
     required and the only thing a receiver can match the patient on."""
-    found = [cx for cx in map(_cx_pi, _dicts(patient.get("identifier"))) if cx]
+    found = [cx for cx in map(_cx_pi, as_dicts(patient.get("identifier"))) if cx]
     if not found:
-        resource_id = _str(patient.get("id"))
+        resource_id = as_str(patient.get("id"))
         if resource_id:
             found.append(f"{escape(resource_id)}^^^MEDCOURIER^PI")
     return found
@@ -342,23 +345,23 @@ def _cx_pi(identifier: Mapping[str, Any]) -> str:
 
 def _cx(identifier: Mapping[str, Any], default_type: str) -> str:
     """A CX ``value^^^namespace&universal id&type^type code``, or "" without a value."""
-    value = _str(identifier.get("value"))
+    value = as_str(identifier.get("value"))
     if not value:
         return ""
-    namespace = escape(_str(_dict(identifier.get("assigner")).get("display")))
-    system = _str(identifier.get("system"))
+    namespace = escape(as_str(as_dict(identifier.get("assigner")).get("display")))
+    system = as_str(identifier.get("system"))
     if system.startswith("urn:oid:"):
         authority = f"{namespace}&{escape(system[8:])}&ISO"
     elif system:
         authority = f"{namespace}&{escape(system)}&URI"
     else:
         authority = namespace
-    type_code = _str(_dict(_first(_dict(identifier.get("type")).get("coding"))).get("code"))
+    type_code = as_str(as_dict(first_of(as_dict(identifier.get("type")).get("coding"))).get("code"))
     return f"{escape(value)}^^^{authority}^{escape(type_code) if type_code else default_type}"
 
 
 def _patient_names(patient: Mapping[str, Any]) -> list[str]:
-    return [xpn for xpn in map(_xpn, _dicts(patient.get("name"))) if xpn]
+    return [xpn for xpn in map(_xpn, as_dicts(patient.get("name"))) if xpn]
 
 
 def _xpn(name: Mapping[str, Any]) -> str:
@@ -367,15 +370,15 @@ def _xpn(name: Mapping[str, Any]) -> str:
     A name with neither family nor given part (only ``text``) is not representable: putting a
     whole formatted name in the family component would mislead patient matching.
     """
-    family = escape(_str(name.get("family")))
-    given = _strs(name.get("given"))
+    family = escape(as_str(name.get("family")))
+    given = as_strs(name.get("given"))
     if not family and not given:
         return ""
     first = escape(given[0]) if given else ""
     further = escape(" ".join(given[1:]))
-    suffix = escape(" ".join(_strs(name.get("suffix"))))
-    prefix = escape(" ".join(_strs(name.get("prefix"))))
-    name_type = _NAME_TYPE.get(_str(name.get("use")), "")
+    suffix = escape(" ".join(as_strs(name.get("suffix"))))
+    prefix = escape(" ".join(as_strs(name.get("prefix"))))
+    name_type = _NAME_TYPE.get(as_str(name.get("use")), "")
     return f"{family}^{first}^{further}^{suffix}^{prefix}^^{name_type}".rstrip("^")
 
 
@@ -385,21 +388,21 @@ def _xad(address: Mapping[str, Any]) -> str:
     The second and later lines go to XAD-2 (other designation), as the HL7 v2-to-FHIR mapping
     does, so that line 1 stays the street a receiver can geocode.
     """
-    lines = _strs(address.get("line"))
+    lines = as_strs(address.get("line"))
     parts = (
         escape(lines[0]) if lines else "",
         escape(", ".join(lines[1:])),
-        escape(_str(address.get("city"))),
-        escape(_str(address.get("state"))),
-        escape(_str(address.get("postalCode"))),
-        escape(_str(address.get("country"))),
+        escape(as_str(address.get("city"))),
+        escape(as_str(address.get("state"))),
+        escape(as_str(address.get("postalCode"))),
+        escape(as_str(address.get("country"))),
     )
     return "^".join(parts).rstrip("^")
 
 
 def _xtn(contact: Mapping[str, Any]) -> str:
     """An XTN for a phone, fax or e-mail ContactPoint; "" for other systems (url, pager...)."""
-    value = escape(_str(contact.get("value")))
+    value = escape(as_str(contact.get("value")))
     if not value:
         return ""
     system = contact.get("system")
@@ -413,7 +416,7 @@ def _xtn(contact: Mapping[str, Any]) -> str:
     return ""
 
 
-def _ts(moment: datetime) -> str:
+def hl7_timestamp(moment: datetime) -> str:
     """HL7 TS in UTC with an explicit offset; a naive datetime is taken as UTC already."""
     moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     return (
@@ -447,7 +450,7 @@ def _hl7_datetime(value: object) -> str:
     return text
 
 
-def _control_id_problem(control_id: str) -> str | None:
+def control_id_problem(control_id: str) -> str | None:
     if not control_id:
         return "the transaction id (MSH-10) is empty"
     if len(control_id) > _MAX_CONTROL_ID:
@@ -463,27 +466,3 @@ def _content_key(content_type: str) -> str:
 
 
 # --- tolerant JSON access: a malformed element is skipped, never a crash mid-render ----------
-
-
-def _str(value: object) -> str:
-    return value if isinstance(value, str) else ""
-
-
-def _strs(value: object) -> list[str]:
-    if not isinstance(value, list):
-        return []
-    return [item for item in value if isinstance(item, str) and item]
-
-
-def _dict(value: object) -> Mapping[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _dicts(value: object) -> Iterable[Mapping[str, Any]]:
-    if not isinstance(value, list):
-        return ()
-    return [item for item in value if isinstance(item, dict)]
-
-
-def _first(value: object) -> object:
-    return value[0] if isinstance(value, list) and value else None

@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from medcourier.engine.errors import RenderError
 from medcourier.engine.model import Document, Issue, Rendered
+from medcourier.transforms.fhir_json import as_dict, as_dicts, first_of
 from medcourier.transforms.hprim.reader import HPRIM_DELIMITERS, EscapeStyle
 
 FORMAT_NAME = "hprim-sante"
@@ -384,11 +385,11 @@ def _patient(
 ) -> str:
     family, given, further = _used_name(patient)
     birth_name = _birth_name(patient)
-    address = _dict(_first(patient.get("address")))
+    address = as_dict(first_of(patient.get("address")))
     lines = _strs(address.get("line"))
     phones = [
         w.value(_str(t.get("value")))
-        for t in _dicts(patient.get("telecom"))
+        for t in as_dicts(patient.get("telecom"))
         if t.get("system") == "phone" and _str(t.get("value"))
     ]
     visit = ""
@@ -396,14 +397,14 @@ def _patient(
     admission = ""
     location = ""
     if encounter is not None:
-        visit = _str(_dict(_first(encounter.get("identifier"))).get("value"))
-        period = _dict(encounter.get("period"))
+        visit = _str(as_dict(first_of(encounter.get("identifier"))).get("value"))
+        period = as_dict(encounter.get("period"))
         movement = _join(
             _D.repetition,
             [_hprim_datetime(period.get(k), zone, opts) for k in ("start", "end")],
         )
-        admission = _ADMISSION.get(_str(_dict(encounter.get("class")).get("code")), "")
-        place = _dict(_dict(_first(encounter.get("location"))).get("location"))
+        admission = _ADMISSION.get(_str(as_dict(encounter.get("class")).get("code")), "")
+        place = as_dict(as_dict(first_of(encounter.get("location"))).get("location"))
         location = _str(place.get("display"))
     return _record(
         "P",
@@ -658,7 +659,7 @@ def _count(text: str, ch: str, start: int, end: int) -> int:
 def _used_name(patient: Mapping[str, Any]) -> tuple[str, str, str]:
     """P-6 family~given~further given: the name in use (``usual``), else the ``official`` one,
     else the first with a family or given part."""
-    names = [n for n in _dicts(patient.get("name")) if _str(n.get("family")) or n.get("given")]
+    names = [n for n in as_dicts(patient.get("name")) if _str(n.get("family")) or n.get("given")]
     chosen = next((n for n in names if n.get("use") == "usual"), None)
     chosen = chosen or next((n for n in names if n.get("use") == "official"), None)
     chosen = chosen or (names[0] if names else {})
@@ -670,21 +671,22 @@ def _birth_name(patient: Mapping[str, Any]) -> str:
     """P-7: the birth name. FR Core carries it as the ``official`` name; ``maiden`` is the
     older way to say the same."""
     for use in ("official", "maiden"):
-        for name in _dicts(patient.get("name")):
+        for name in as_dicts(patient.get("name")):
             if name.get("use") == use and _str(name.get("family")):
                 return _str(name.get("family"))
     return ""
 
 
 def _ipp(patient: Mapping[str, Any], system: str | None) -> str:
-    identifiers = [i for i in _dicts(patient.get("identifier")) if _str(i.get("value"))]
+    identifiers = [i for i in as_dicts(patient.get("identifier")) if _str(i.get("value"))]
     if system is not None:
         identifiers = [i for i in identifiers if i.get("system") == system]
     else:
         typed = [
             i
             for i in identifiers
-            if _str(_dict(_first(_dict(i.get("type")).get("coding"))).get("code")) in ("PI", "MR")
+            if _str(as_dict(first_of(as_dict(i.get("type")).get("coding"))).get("code"))
+            in ("PI", "MR")
         ]
         identifiers = typed or identifiers
     if identifiers:
@@ -763,17 +765,3 @@ def _strs(value: object) -> list[str]:
     if not isinstance(value, list):
         return []
     return [item.strip() for item in value if isinstance(item, str) and item.strip()]
-
-
-def _dict(value: object) -> Mapping[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _dicts(value: object) -> list[Mapping[str, Any]]:
-    if not isinstance(value, list):
-        return []
-    return [item for item in value if isinstance(item, dict)]
-
-
-def _first(value: object) -> object:
-    return value[0] if isinstance(value, list) and value else None

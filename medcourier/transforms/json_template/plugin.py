@@ -71,6 +71,7 @@ from pydantic import (
 from medcourier.engine.errors import RenderError
 from medcourier.engine.model import Document, Rendered
 from medcourier.engine.plugins import FormatType, hookimpl
+from medcourier.transforms.fhir_json import as_dicts
 
 FORMAT_NAME = "json-template"
 
@@ -244,7 +245,7 @@ def _context(document: Document, token: str, options: JsonTemplateOptions) -> di
 def _identifier_helper(patient: dict[str, Any]) -> Callable[[str | None], str | None]:
     def identifier(system: str | None) -> str | None:
         """The value of the first identifier with ``system``, or None."""
-        for entry in _dicts(patient.get("identifier")):
+        for entry in as_dicts(patient.get("identifier")):
             if entry.get("system") == system and isinstance(entry.get("value"), str):
                 return str(entry["value"])
         return None
@@ -255,7 +256,7 @@ def _identifier_helper(patient: dict[str, Any]) -> Callable[[str | None], str | 
 def _name_helper(patient: dict[str, Any]) -> Callable[[str | None], dict[str, Any] | None]:
     def human_name(use: str | None = None) -> dict[str, Any] | None:
         """The first HumanName with ``use`` (any when None), with every part present."""
-        for name in _dicts(patient.get("name")):
+        for name in as_dicts(patient.get("name")):
             if use is None or name.get("use") == use:
                 return {
                     "use": name.get("use"),
@@ -268,10 +269,6 @@ def _name_helper(patient: dict[str, Any]) -> Callable[[str | None], dict[str, An
         return None
 
     return human_name
-
-
-def _dicts(value: Any) -> list[dict[str, Any]]:
-    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
 def _strings(value: Any) -> list[str]:
