@@ -25,7 +25,14 @@ ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "medcourier.engine.cli"]
 
 
+def self_ehr_port(demo: Demo) -> int:
+    demo.ehr_port = free_port()
+    return demo.ehr_port
+
+
 class Demo:
+    ehr_port: int
+
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.http_port, self.json_port = free_port(), free_port()
@@ -38,7 +45,7 @@ class Demo:
             "MEDCOURIER_MLLP_PORT": str(free_port()),
             "MEDCOURIER_DATA_DIR": str(self.data),
             "MEDCOURIER_INSTANCE": f"mcdemo-{uuid.uuid4().hex[:8]}",
-            "DEMO_EHR_MLLP": f"127.0.0.1:{free_port()}",
+            "DEMO_EHR_MLLP": f"127.0.0.1:{self_ehr_port(self)}",
             "DEMO_JSON_URL": f"http://127.0.0.1:{self.json_port}/documents",
         }
         for var in ("MEDCOURIER_BROKER_URL", "MEDCOURIER_STORE_URL"):
@@ -71,6 +78,7 @@ class Demo:
 def demo(tmp_path: Path) -> Iterator[Demo]:
     d = Demo(tmp_path)
     d.start("simulate-json", "--port", str(d.json_port), "--out", str(tmp_path / "json"))
+    d.start("simulate-ehr", "--port", str(d.ehr_port), "--out", str(tmp_path / "ehr"))
     d.start("run", "--config", str(ROOT / "config/example.yaml"))
     deadline = time.monotonic() + 30
     while True:
@@ -85,15 +93,20 @@ def demo(tmp_path: Path) -> Iterator[Demo]:
     d.stop()
 
 
-def _send(c: httpx.Client, organization: str, payload: bytes) -> str:
+def _send(
+    c: httpx.Client, organization: str, payload: bytes, fields: dict[str, Any] | None = None
+) -> str:
+    fields = fields or {
+        "identifier": [{"system": "urn:oid:1.2.250.1.999.1", "value": f"IPP-{organization}"}],
+        "name": [{"use": "official", "family": 'Bérénice "Démo"', "given": ["Ève"]}],
+        "birthDate": "1990-01-02",
+        "gender": "female",
+    }
     patient = c.post(
         "/fhir/Patient",
         json={
             "resourceType": "Patient",
-            "identifier": [{"system": "urn:oid:1.2.250.1.999.1", "value": f"IPP-{organization}"}],
-            "name": [{"use": "official", "family": 'Bérénice "Démo"', "given": ["Ève"]}],
-            "birthDate": "1990-01-02",
-            "gender": "female",
+            **fields,
             "managingOrganization": {"reference": f"Organization/{organization}"},
         },
     ).json()
@@ -103,6 +116,7 @@ def _send(c: httpx.Client, organization: str, payload: bytes) -> str:
             "resourceType": "Parameters",
             "parameter": [
                 {"name": "subject", "valueReference": {"reference": f"Patient/{patient['id']}"}},
+                {"name": "sender-identifier", "valueString": "12345678910"},
                 {"name": "payload", "valueString": base64.b64encode(payload).decode()},
             ],
         },
@@ -115,7 +129,7 @@ def _send(c: httpx.Client, organization: str, payload: bytes) -> str:
             "/fhir/CommunicationRequest/$tracking", params={"transaction-id": txid}
         ).json()
         status = bundle["entry"][0]["resource"]["status"]
-        assert status != "entered-in-error", bundle
+        assert status != "entered-in-error", json.dumps(bundle["entry"][0]["resource"])
         return bool(status == "completed")
 
     eventually(done, 30, f"{organization} delivery completed")
@@ -150,3 +164,35 @@ def test_demo_hprim_writes_hprim_with_its_pdf_and_ok(demo: Demo) -> None:
     ]
     assert len(files) == 1
     assert (out / files[0].name).read_bytes() == payload
+
+
+def test_demo_ans_sends_the_cda_in_an_oru_that_passes_the_ci_sis_checks(demo: Demo) -> None:
+    judge = _judge()
+    example = json.loads((ROOT / "config/examples/document-ins.json").read_text())
+    payload = pdf_bytes(3000)
+    with demo.client() as c:
+        txid = _send(c, "demo-ans", payload, example["patient"])
+    messages = list((demo.tmp / "ehr").glob(f"*{txid}*.hl7"))
+    assert len(messages) == 1
+    segments = messages[0].read_bytes().decode("utf-8").split("\r")
+    msh = segments[0].split("|")
+    assert msh[16] == "FRA" and msh[20] == "2.1^CISIS_CDA_HL7_V2"
+    assert "^^^ASIP-SANTE-INS-NIR&1.2.250.1.213.1.4.8&ISO^INS" in segments[1]
+    obx = next(s for s in segments if s.startswith("OBX|1|ED|")).split("|")
+    assert obx[5].split("^")[1:4] == ["TEXT", "XML", "Base64"]
+    cda = base64.b64decode(obx[5].split("^")[4])
+    assert judge(cda) == []
+    assert base64.b64encode(payload) in cda
+
+
+def _judge() -> Any:
+    import importlib.util
+
+    script = ROOT.parent / "shared" / "validators" / "cda" / "cda_check.py"
+    if not script.is_file():
+        pytest.fail(f"the CI-SIS CDA judge is missing: expected {script}")
+    spec = importlib.util.spec_from_file_location("cda_check", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.check
