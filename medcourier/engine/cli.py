@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -14,6 +13,7 @@ from medcourier.engine import logging as mclog
 from medcourier.engine.config import load_config
 from medcourier.engine.errors import ConfigError, PluginError
 from medcourier.engine.plugins import Plugins, load_plugins
+from medcourier.engine.signals import until_signalled
 
 
 def _parser(plugins: Plugins) -> argparse.ArgumentParser:
@@ -44,10 +44,6 @@ async def _run(config_path: str, plugins: Plugins) -> int:
     config = load_config(config_path, plugins)
     mclog.configure(config.settings.log_level)
     engine = Engine(config, plugins)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await engine.start()
     print(
         f"medcourier {__version__}: FHIR API on {engine.base_url}/fhir, "
@@ -55,8 +51,10 @@ async def _run(config_path: str, plugins: Plugins) -> int:
         file=sys.stderr,
         flush=True,
     )
-    await stop.wait()
-    await engine.stop()
+    try:
+        await until_signalled()
+    finally:
+        await engine.stop()
     return 0
 
 

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import re
-import signal
 import socket
 import ssl
 import sys
@@ -33,6 +32,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from medcourier.engine.signals import until_signalled
 
 Mode = Literal["accept", "reject", "fail", "slow"]
 MODES: tuple[Mode, ...] = ("accept", "reject", "fail", "slow")
@@ -294,7 +295,7 @@ async def run(args: argparse.Namespace) -> int:
         return 1
     print(f"simulate-json: POST JSON to {receiver.url}, answering {args.mode}", flush=True)
     try:
-        await _until_signalled()
+        await until_signalled()
     finally:
         await receiver.stop()
     print(f"simulate-json: stopped after {len(receiver.documents)} documents", flush=True)
@@ -303,22 +304,3 @@ async def run(args: argparse.Namespace) -> int:
 
 def _print_received(number: int, transaction_id: str) -> None:
     print(f"received {number:06d} {transaction_id}", flush=True)
-
-
-async def _until_signalled() -> None:
-    """Wait for SIGINT/SIGTERM. Where handlers cannot be set (not the main thread, Windows),
-    wait forever: Ctrl-C then cancels the task and ``run``'s cleanup still happens."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    installed: list[signal.Signals] = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(signum, stop.set)
-        except (NotImplementedError, RuntimeError, ValueError):
-            continue
-        installed.append(signum)
-    try:
-        await stop.wait()
-    finally:
-        for signum in installed:
-            loop.remove_signal_handler(signum)

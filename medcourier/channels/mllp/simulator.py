@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import contextlib
 import re
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from medcourier.channels.mllp.framing import (
     read_frame,
     stream_limit,
 )
+from medcourier.engine.signals import until_signalled
 
 _UNKNOWN_ID = "unknown"
 _NOT_HL7 = b"MSH|^~\\&|||||||ACK||P|2.5"  # header to NAK bytes that are not HL7 at all
@@ -216,7 +216,7 @@ async def run(args: argparse.Namespace) -> int:
     print(f"simulate-ehr: listening on {args.host}:{simulator.port}, answering {args.ack}")
     sys.stdout.flush()
     try:
-        await _until_signalled()
+        await until_signalled()
     finally:
         await simulator.stop()
     print(f"simulate-ehr: stopped after {len(simulator.received)} messages", flush=True)
@@ -225,22 +225,3 @@ async def run(args: argparse.Namespace) -> int:
 
 def _print_received(number: int, control_id: str) -> None:
     print(f"received {number:06d} {control_id}", flush=True)
-
-
-async def _until_signalled() -> None:
-    """Wait for SIGINT/SIGTERM. Where handlers cannot be set (not the main thread, Windows),
-    wait forever: Ctrl-C then cancels the task and ``run``'s cleanup still happens."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    installed: list[signal.Signals] = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(signum, stop.set)
-        except (NotImplementedError, RuntimeError, ValueError):
-            continue
-        installed.append(signum)
-    try:
-        await stop.wait()
-    finally:
-        for signum in installed:
-            loop.remove_signal_handler(signum)
