@@ -1,7 +1,8 @@
 """The ``hl7v2-oru`` format, judged by libraries that did not write the message.
 
-hl7apy (strict) checks the structure and data types of a v2.5 ORU_R01; python-hl7 does the
-unescaping, so a mistake in our escape() cannot be hidden by the same mistake in the check.
+hl7apy (strict) checks the structure and data types of a v2.5 ORU_R01 or MDM_T02; python-hl7
+does the unescaping, so a mistake in our escape() cannot be hidden by the same mistake in the
+check.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pydantic
 import pytest
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
+from hl7apy.exceptions import MaxChildLimitReached
 from hl7apy.parser import parse_message
 
 from medcourier.engine.errors import RenderError
@@ -294,7 +296,7 @@ def test_options_fill_msh() -> None:
         {"sending_facility": "A^B^C^D"},
         {"processing_id": "X"},
         {"version": "2.3"},
-        {"message_type": "MDM^T02"},
+        {"message_type": "MDM^T10"},
         {"unknown_option": 1},
     ],
 )
@@ -524,3 +526,199 @@ def test_rendering_is_deterministic_for_retries() -> None:
     copy = dataclasses.replace(document, patient=make_patient())
 
     assert render(document).data == render(copy).data
+
+
+# --- MDM^T02 ---------------------------------------------------------------------------------
+
+MDM = OruOptions(message_type="MDM^T02")
+RPPS_XCN = "10001234567^^^^^^^^RPPS&1.2.250.1.71.4.2.1&ISO^^^^RPPS"
+
+
+def segment_ids(data: bytes) -> list[str]:
+    return [segment.split("|", 1)[0] for segment in data.decode("utf-8")[:-1].split("\r")]
+
+
+def test_mdm_t02_is_a_valid_v25_mdm_t02() -> None:
+    data = render(make_document(sender_identifier="10001234567"), MDM).data
+    message = strict_parse(data)
+
+    assert segment_ids(data) == ["MSH", "EVN", "PID", "PV1", "TXA", "OBX"]
+    assert message.name == "MDM_T02"
+    assert message.version == "2.5"
+    assert message.validate() is True
+    assert message.pid.pid_3[0].cx_1.value == "IPP-0042"
+    assert message.pv1.pv1_19.cx_1.value == "V-2024-0001"
+    assert message.txa.txa_2.value == "11488-4"
+    assert message.txa.txa_5.xcn_1.value == "10001234567"
+    assert message.txa.txa_12.ei_1.value == "TX-20240121-0001"
+    assert message.mdm_t02_observation.obx.obx_2.value == "ED"
+
+
+def test_mdm_without_encounter_or_rpps_is_valid() -> None:
+    data = render(make_document(encounter=None), MDM).data
+
+    assert strict_parse(data).validate() is True
+    assert segments(data)["PV1"] == ["PV1", "1", "N"]
+
+
+def test_mdm_msh_and_evn() -> None:
+    document = make_document()
+    rendered = render(document, MDM)
+    found = segments(rendered.data)
+
+    assert found["MSH"][8] == "MDM^T02^MDM_T02"
+    assert found["MSH"][9] == document.transaction_id  # MSH-10
+    assert found["MSH"][10:12] == ["P", "2.5"]
+    assert rendered.message_id == document.transaction_id
+    assert rendered.filename_hint == "TX-20240121-0001.hl7"
+    assert rendered.media_type == "application/hl7-v2"
+    assert found["EVN"] == ["EVN", "T02", "20240121083015+0000"]
+    python_hl7 = hl7.parse(rendered.data.decode("utf-8"))
+    assert str(python_hl7.segment("MSH")[10]) == document.transaction_id
+    assert str(python_hl7.segment("MSH")[9]) == "MDM^T02^MDM_T02"
+
+
+def test_mdm_txa_fields() -> None:
+    paris = timezone(timedelta(hours=1))
+    created = datetime(2024, 1, 21, 9, 30, 15, tzinfo=paris)
+    document = make_document(sender_identifier="10001234567", created_at=created)
+    txa = segments(render(document, MDM).data)["TXA"]
+
+    assert len(txa) == 20  # "TXA" + TXA-1 .. TXA-19
+    assert txa[1] == "1"
+    assert txa[2] == "11488-4"
+    assert txa[3] == "AP"
+    assert txa[4] == "20240121083015+0000"  # activity date/time, in UTC
+    assert txa[5] == RPPS_XCN
+    assert txa[6] == "20240121083015+0000"  # origination date/time
+    assert txa[7:12] == [""] * 5
+    assert txa[12] == "TX-20240121-0001^MEDCOURIER"
+    assert txa[13] == ""  # an original document has no parent
+    assert txa[14:17] == [""] * 3
+    assert txa[17] == "AU"
+    assert txa[18] == ""
+    assert txa[19] == "AV"
+
+
+def test_mdm_txa12_takes_the_sending_application_as_assigning_authority() -> None:
+    options = OruOptions(message_type="MDM^T02", sending_application="MC^1.2.250.1.71.4.2.2^ISO")
+    data = render(make_document(), options).data
+    message = strict_parse(data)
+
+    assert segments(data)["TXA"][12] == "TX-20240121-0001^MC^1.2.250.1.71.4.2.2^ISO"
+    unique = message.txa.txa_12
+    assert unique.ei_1.value == "TX-20240121-0001"
+    assert unique.ei_2.value == "MC"
+    assert unique.ei_3.value == "1.2.250.1.71.4.2.2"
+    assert unique.ei_4.value == "ISO"
+    assert message.validate() is True
+
+
+def test_mdm_txa12_is_the_bare_id_without_sending_application() -> None:
+    options = OruOptions(message_type="MDM^T02", sending_application="")
+    data = render(make_document(), options).data
+
+    assert segments(data)["TXA"][12] == "TX-20240121-0001"
+    assert strict_parse(data).validate() is True
+
+
+def test_mdm_txa2_cannot_be_a_ce_in_v25() -> None:
+    """Why TXA-2 holds the bare code: it is an IS in v2.5, and hl7apy refuses components."""
+    data = render(make_document(), MDM).data
+    as_ce = data.replace(b"TXA|1|11488-4|", b"TXA|1|11488-4^Consultation note^LN|")
+
+    assert as_ce != data
+    with pytest.raises(MaxChildLimitReached, match="TXA_2"):
+        strict_parse(as_ce)
+
+
+def test_mdm_txa5_names_the_sending_application_without_rpps() -> None:
+    data = render(make_document(sender_application="Cabinet^Dr|X"), MDM).data
+
+    assert segments(data)["TXA"][5] == "^Cabinet\\S\\Dr\\F\\X"
+    message = hl7.parse(data.decode("utf-8"))
+    assert message.unescape(str(message.segment("TXA")[5][0][1])) == "Cabinet^Dr|X"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "presentation"),
+    [
+        ("application/pdf", "AP"),
+        ("image/jpeg", "IM"),
+        ("image/png", "IM"),
+        ("text/plain", "TEXT"),
+        ("application/txt", "TEXT"),
+    ],
+)
+def test_mdm_txa3_is_the_ed_type_of_data(content_type: str, presentation: str) -> None:
+    data = render(make_document(content_type=content_type), MDM).data
+
+    assert segments(data)["TXA"][3] == presentation
+    assert obx5(data)[1] == presentation  # both fields use HL7 table 0191
+    assert strict_parse(data).validate() is True
+
+
+def test_mdm_obx_is_the_orus_and_carries_the_payload_exactly() -> None:
+    document = make_document(sender_identifier="10001234567")
+    mdm = segments(render(document, MDM).data)
+    oru_segments = segments(render(document).data)
+
+    assert mdm["OBX"] == oru_segments["OBX"]
+    encoded = mdm["OBX"][5].split("^")
+    assert encoded[:4] == ["", "AP", "PDF", "Base64"]
+    assert base64.b64decode(encoded[4], validate=True) == PDF_PAYLOAD
+    assert "OBR" not in mdm
+
+
+def test_mdm_large_payload_survives() -> None:
+    payload = bytes(range(256)) * 8192
+    data = render(make_document(payload=payload), MDM).data
+
+    assert base64.b64decode(obx5(data)[4], validate=True) == payload
+
+
+def test_mdm_msh18_only_when_not_ascii() -> None:
+    ascii_data = render(ascii_document(), MDM).data
+    accented_author = render(ascii_document(sender_application="Clinique Hôpital"), MDM).data
+    accented_patient = render(make_document(), MDM).data
+
+    assert ascii_data.isascii()
+    assert len(segments(ascii_data)["MSH"]) == 12
+    assert segments(accented_author)["MSH"][17] == "UNICODE UTF-8"
+    assert segments(accented_author)["TXA"][5] == "^Clinique Hôpital"
+    assert segments(accented_patient)["MSH"][17] == "UNICODE UTF-8"
+    assert strict_parse(accented_patient).msh.msh_18.value == "UNICODE UTF-8"
+
+
+def test_mdm_refuses_what_the_oru_refuses() -> None:
+    with pytest.raises(RenderError, match="RPPS"):
+        render(make_document(sender_identifier="12345"), MDM)
+    with pytest.raises(RenderError, match="application/msword"):
+        render(make_document(content_type="application/msword"), MDM)
+    with pytest.raises(RenderError):
+        render(make_document(transaction_id="TX|1"), MDM)
+    assert validate(make_document(), MDM) == []
+
+
+@pytest.mark.parametrize(
+    "message_type",
+    ["MDM^T10", "MDM^T01", "ORU^R30", "ADT^A01", "mdm^t02", "MDM^T02^MDM_T02", "MDM", ""],
+)
+def test_other_message_types_are_refused_clearly(message_type: str) -> None:
+    with pytest.raises(pydantic.ValidationError) as refused:
+        OruOptions(message_type=message_type)
+
+    (error,) = refused.value.errors()
+    assert error["loc"] == ("message_type",)
+    assert "'ORU^R01' or 'MDM^T02'" in error["msg"]
+
+
+def test_message_type_defaults_to_oru_and_is_chosen_through_the_plugin_manager() -> None:
+    fmt = load_plugins().formats["hl7v2-oru"]
+    options = fmt.options_model.model_validate({"message_type": "MDM^T02"})
+    assert isinstance(options, OruOptions)
+    data = fmt.render(make_document(), options).data
+
+    assert OruOptions().message_type == "ORU^R01"
+    assert segments(data)["MSH"][8] == "MDM^T02^MDM_T02"
+    assert render(make_document(), MDM).data == render(make_document(), options).data

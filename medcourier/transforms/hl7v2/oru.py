@@ -5,6 +5,10 @@ reports, images): the patient in PID, the visit in PV1 when the hospital gave on
 naming the kind of document by its LOINC code, and one OBX of type ED carrying the file in
 Base64.
 
+A route may ask for MDM^T02 instead ("original document notification and content", chapter 9),
+which document management systems expect: EVN and a TXA describing the document take the place
+of the OBR, and the same OBX carries the file. See :func:`txa_segment` for the TXA choices.
+
 The message is built with plain string formatting. An HL7 object model costs at least a hundred
 times more per message, which matters when every delivery renders; the tests parse and validate
 our output with hl7apy and python-hl7 instead, so correctness is still checked by a library that
@@ -89,6 +93,13 @@ _FHIR_DATETIME = re.compile(
     r"(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?"
 )
 
+# MSH-9.3, the abstract message structure of each message type this format writes.
+_MESSAGE_STRUCTURE: dict[str, str] = {"ORU^R01": "ORU_R01", "MDM^T02": "MDM_T02"}
+
+# TXA-17 (table 0271) and TXA-19 (table 0273) of an MDM^T02; see txa_segment() for the reasons.
+_TXA_COMPLETION_STATUS = "AU"
+_TXA_AVAILABILITY_STATUS = "AV"
+
 # MSH-10 must come back verbatim in the receiver's ACK (MSA-2) to be matched with the delivery,
 # so it is never escaped: one that would need escaping is refused instead.
 _MAX_CONTROL_ID = 20
@@ -111,7 +122,11 @@ class OruOptions(BaseModel):
         default="P", description="MSH-11: P production, T training, D debugging (HL7 table 0103)"
     )
     version: Literal["2.5"] = "2.5"
-    message_type: Literal["ORU^R01"] = "ORU^R01"
+    message_type: Literal["ORU^R01", "MDM^T02"] = Field(
+        default="ORU^R01",
+        description="MSH-9: ORU^R01 (observation result, the document under an OBR) or MDM^T02 "
+        "(original document notification and content, the document under a TXA)",
+    )
 
     @field_validator(
         "sending_application", "sending_facility", "receiving_application", "receiving_facility"
@@ -139,7 +154,8 @@ def medcourier_formats() -> list[FormatType]:
             options_model=OruOptions,
             render=render,
             validate=validate,
-            description="HL7 v2.5 ORU^R01 carrying the document Base64-encoded in OBX-5 (ED)",
+            description="HL7 v2.5 ORU^R01 (or MDM^T02) carrying the document Base64-encoded "
+            "in OBX-5 (ED)",
         )
     ]
 
@@ -209,7 +225,8 @@ def validate(document: Document, options: OruOptions | None = None) -> list[Issu
 
 
 def render(document: Document, options: OruOptions | None = None) -> Rendered:
-    """Render ``document`` as one ORU^R01 message, UTF-8 encoded.
+    """Render ``document`` as one ORU^R01 or MDM^T02 message (``options.message_type``), UTF-8
+    encoded.
 
     :raises RenderError: the content type has no ED type, MSH-10 would be invalid, or the
         sender identifier is not an RPPS.
@@ -228,20 +245,29 @@ def render(document: Document, options: OruOptions | None = None) -> Rendered:
     created = hl7_timestamp(document.created_at)
     doc_type = escape(document.document_type)
     title = escape(document.title)
-    obr_display = escape(LOINC_DISPLAY.get(document.document_type, document.title))
+    observer = _observer(document)
 
-    obr = f"OBR|1|||{doc_type}^{obr_display}^LN|||{created}{'|' * 18}F"
+    pid = pid_segment(document.patient)
+    pv1 = pv1_segment(document.encounter)
+    if opts.message_type == "MDM^T02":
+        # EVN-1 repeats the trigger event (kept in v2.5 for backward compatibility only; receivers
+        # written for v2.3 still read it), EVN-2 is when the event was recorded.
+        evn = f"EVN|T02|{created}"
+        txa = txa_segment(document, opts, presentation=ed_type[0], provider=observer)
+        head: tuple[str, ...] = (evn, pid, pv1, txa)
+    else:
+        obr_display = escape(LOINC_DISPLAY.get(document.document_type, document.title))
+        head = (pid, pv1, f"OBR|1|||{doc_type}^{obr_display}^LN|||{created}{'|' * 18}F")
     # OBX up to the Base64 data, then from the end of OBX-5 to the end of the message: the
     # payload is inserted between the two as bytes, so it is never decoded or copied as text.
     obx_head = f"OBX|1|ED|{doc_type}^{title}^LN||^{ed_type[0]}^{ed_type[1]}^Base64^"
-    obx_tail = f"||||||F|||{created}||{_observer(document)}"
-    body = "\r".join(
-        (pid_segment(document.patient), pv1_segment(document.encounter), obr, obx_head)
-    )
+    obx_tail = f"||||||F|||{created}||{observer}"
+    body = "\r".join((*head, obx_head))
+    structure = _MESSAGE_STRUCTURE[opts.message_type]
     msh = (
         f"MSH|^~\\&|{opts.sending_application}|{opts.sending_facility}"
         f"|{opts.receiving_application}|{opts.receiving_facility}|{created}"
-        f"||{opts.message_type}^ORU_R01|{control_id}|{opts.processing_id}|{opts.version}"
+        f"||{opts.message_type}^{structure}|{control_id}|{opts.processing_id}|{opts.version}"
     )
     # str.isascii() is O(1) in CPython (the string's kind is known), so this costs nothing.
     if not (msh.isascii() and body.isascii() and obx_tail.isascii()):
@@ -313,6 +339,51 @@ def pv1_segment(encounter: Mapping[str, Any] | None) -> str:
     fields[44] = _hl7_datetime(period.get("start"))
     fields[45] = _hl7_datetime(period.get("end"))
     return "|".join(fields).rstrip("|")
+
+
+def txa_segment(
+    document: Document, options: OruOptions, *, presentation: str, provider: str
+) -> str:
+    """The TXA of an MDM^T02 (HL7 v2.5 chapter 9, "TXA - transcription document header").
+
+    - TXA-1 set id 1: the message carries one document.
+    - TXA-2 the LOINC code alone. In v2.5 TXA-2 is an IS (user-defined table 0270), a single
+      component: ``code^display^LN`` would be an invalid IS (it became a CWE only in v2.6), so
+      the coded form with its display stays in OBX-3, as in the ORU.
+    - TXA-3 the OBX-5.2 type of data (``presentation``): both fields use table 0191, so a PDF is
+      AP, an image IM and text TEXT (TX is the v2.2 code that TEXT replaced).
+    - TXA-4 activity and TXA-6 origination date/time: when the document was made, the time the
+      ORU puts in OBR-7 and OBX-14; medcourier knows no separate time for the activity.
+    - TXA-5 primary activity provider: the author as OBX-16 names it (``provider``).
+    - TXA-12 unique document number, an EI: the transaction id, "assigned by the sending
+      system" as chapter 9 puts it, so its assigning authority (EI-2..4, which are exactly the
+      HD components) is the sending application of MSH-3: ``txid^NAME^OID^ISO`` with a route
+      configured as ``NAME^OID^ISO``, the bare id when MSH-3 is empty. Retries render the same
+      number, so a receiver that already filed the document recognises it.
+    - TXA-13 parent document number: empty, a T02 is an original document, not an addendum or
+      a replacement.
+    - TXA-17 completion status AU (authenticated): the sender hands over a finished document,
+      the one the ORU marks final (OBX-11 F). DO would be wrong: table 0271 means by it content
+      not yet in its final electronic form (paper, voice to text); DI, IP, IN and PA are
+      transcription workflow states that announce a later status change medcourier never
+      sends; LA asserts a signature by the legally responsible person, which medcourier cannot
+      vouch for. AU is also what the ANS profile's MDM writes.
+    - TXA-19 availability status AV (available for patient care): the document is delivered to
+      be read, not held back.
+    """
+    unique_number = f"{escape(document.transaction_id)}^{options.sending_application}".rstrip("^")
+    fields = [""] * 20
+    fields[0] = "TXA"
+    fields[1] = "1"
+    fields[2] = escape(document.document_type)
+    fields[3] = presentation
+    fields[4] = hl7_timestamp(document.created_at)
+    fields[5] = provider
+    fields[6] = fields[4]
+    fields[12] = unique_number
+    fields[17] = _TXA_COMPLETION_STATUS
+    fields[19] = _TXA_AVAILABILITY_STATUS
+    return "|".join(fields)
 
 
 def _observer(document: Document) -> str:
