@@ -26,6 +26,21 @@ The life of a file, and why each step is there:
 If the sink *raises* (the engine is down), the unit stays in ``.work`` and the pass stops, so
 files keep their order; the next pass comes after an exponential backoff.
 
+HPRIM Santé files (``format: hprim``, or ``.hpr`` names in ``auto``) may name companion files
+(FIC OBX, e.g. the PDF of a report) delivered beside them. Those are part of the file, so:
+
+* an HPRIM file is taken once it and every file it names are complete (or, as a document waits
+  for its sidecar, after ``sidecar_timeout``: it then goes to error/ saying which is missing);
+  a file an HPRIM file names is never taken on its own;
+* the companions are claimed into the HPRIM file's unit, so they go to processed/ or error/ with
+  it; a ``.claim.json`` in the unit names the main file and its companions, so that a claim cut
+  short by a crash is finished, and the main file is known among several;
+* the file goes to the engine through ``sink.hl7_message``, one
+  :class:`~medcourier.transforms.hprim.interpret.HprimInboundMessage` per patient carrying its
+  companions' bytes (why: that module's docstring), and is accepted when every patient is;
+* in ``format: hprim`` a file that is not HPRIM (no H line at its start) and that no HPRIM file
+  names within ``sidecar_timeout`` goes to error/: it is a companion whose HPRIM file never came.
+
 The folder is polled rather than watched with inotify: inotify is Linux-only and sees nothing of
 what another machine writes to an NFS or SMB share, which is exactly how hospital systems drop
 their files. Listing a folder every second costs nothing next to that. The blocking filesystem
@@ -55,7 +70,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -70,6 +85,16 @@ from medcourier.engine.inbound import (
     PatientIdentifier,
     Verdict,
 )
+from medcourier.transforms.hprim.interpret import (
+    HPRIM_CHARSET,
+    HprimFileError,
+    HprimInboundMessage,
+    companion_file_name,
+    companion_names,
+    looks_like_hprim,
+    read_hprim_file,
+)
+from medcourier.transforms.hprim.reader import EscapeStyle
 
 if sys.platform != "win32":
     import fcntl
@@ -79,6 +104,13 @@ WORK_DIR = ".work"
 """Claimed files wait here (one sub-directory per file) until the engine has answered."""
 OUTCOME_FILE = ".outcome.json"
 """Written into a unit once decided: the unit is then only moved, never submitted again."""
+CLAIM_FILE = ".claim.json"
+"""Written into a unit before an HPRIM file's companions are claimed: the main file's name and
+the companions to take, so that a claim cut short by a crash is finished."""
+HL7_CHARSET = "utf-8"
+"""Character set of HL7 messages without MSH-18 unless ``default_charset`` says otherwise."""
+HPRIM_SNIFF_BYTES = 4096
+"""How much of a file is read to tell an HPRIM file from a companion (``format: hprim``)."""
 LOCK_FILE = ".lock"
 MAX_BACKOFF = 60.0
 """Longest wait between two passes while the sink keeps failing."""
@@ -121,8 +153,11 @@ file whose MSH segment must be readable before its character set is known."""
 # --------------------------------------------------------------------------- options
 
 
-# File names the ``auto`` format reads as HL7 v2 (everything else is a document with a sidecar).
+# File names the ``auto`` format reads as HL7 v2 or HPRIM (the rest: documents with a sidecar).
 _HL7_SUFFIXES = (".hl7", ".hl7v2", ".er7", ".msg")
+_HPRIM_SUFFIXES = (".hpr",)
+
+Format = Literal["hl7v2", "document", "hprim"]
 
 
 class FileDropOptions(BaseModel):
@@ -135,10 +170,11 @@ class FileDropOptions(BaseModel):
     """The drop folder (created if missing); ``.work/`` inside it holds claimed files."""
     pattern: str = "*"
     """Glob on file names. Hidden, ``*.ok``, ``*.json``, ``*.tmp`` and ``*.part`` never match."""
-    format: Literal["hl7v2", "document", "auto"] = "auto"
+    format: Literal["hl7v2", "document", "hprim", "auto"] = "auto"
     """``hl7v2``: one or more messages per file; ``document``: a file plus ``<name>.json``;
-    ``auto``: HL7 v2 for names ending in .hl7, .hl7v2, .er7 or .msg, a document otherwise (one
-    inbox for both, as hospitals often have)."""
+    ``hprim``: HPRIM Santé files and the companion files they name; ``auto``: HL7 v2 for names
+    ending in .hl7, .hl7v2, .er7 or .msg, HPRIM for .hpr, a document otherwise (one inbox for
+    all, as hospitals often have)."""
     poll_interval: float = Field(1.0, gt=0)
     """Seconds between two looks at the folder (doubled on each sink failure, up to 60)."""
     stable_for: float = Field(2.0, ge=0)
@@ -151,10 +187,19 @@ class FileDropOptions(BaseModel):
     """Where refused files go, with ``<name>.error.txt``; default ``<path>/error``."""
     max_file_bytes: int = Field(64 * MIB, gt=0)
     """Larger files go to error/ unread."""
-    default_charset: str = "utf-8"
-    """Character set of HL7 messages whose MSH-18 is empty."""
+    default_charset: str | None = None
+    """Character set of HL7 messages whose MSH-18 is empty (default utf-8), and of HPRIM files
+    (default iso-8859-1, the recommendation's; a file starting with a UTF-8 byte order mark is
+    read as UTF-8, the only declaration an HPRIM file can carry)."""
     sidecar_timeout: float = Field(60.0, gt=0)
-    """Seconds a complete document waits for its JSON sidecar before going to error/."""
+    """Seconds a complete document waits for its JSON sidecar, or an HPRIM file for the files
+    it names, before going to error/."""
+    hprim_escape_style: EscapeStyle = "sequences"
+    """How HPRIM senders escape delimiters: ``sequences`` (``\\F\\``..., Mediboard),
+    ``prefix`` (escape + character, libHprim), ``replace`` (not at all); docs/hprim.md."""
+    hprim_ipp_system: str | None = Field(None, min_length=1)
+    """System of the IPP of HPRIM files (P-3); default ``urn:medcourier:authority:<H-5 sender
+    id>``, what the HL7 reader gives an IPP from that sending facility."""
 
     @field_validator("pattern")
     @classmethod
@@ -165,7 +210,9 @@ class FileDropOptions(BaseModel):
 
     @field_validator("default_charset")
     @classmethod
-    def _known_charset(cls, value: str) -> str:
+    def _known_charset(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         try:
             codecs.lookup(value)
         except LookupError:
@@ -448,6 +495,17 @@ class _DocumentPlan:
 
 
 @dataclass(frozen=True)
+class _HprimPlan:
+    """An HPRIM file: one message per patient, each carrying its companion files."""
+
+    messages: tuple[HprimInboundMessage, ...]
+    digest: str
+
+
+_Plan = _Hl7Plan | _DocumentPlan | _HprimPlan
+
+
+@dataclass(frozen=True)
 class _Outcome:
     """What became of a file: accepted in full, or why not (``code`` for logs, ``text`` for
     the operator)."""
@@ -489,21 +547,33 @@ class _Decision:
 def hl7_outcome(messages: Iterable[InboundMessage], results: Iterable[InboundResult]) -> _Outcome:
     """Accepted when every message was; else the refused ones with the sink's reasons, and which
     were accepted (they stay accepted: the operator must not send them again)."""
-    pairs = list(zip(messages, results, strict=True))
+    labels = [
+        f"message {i} (MSH-10 {m.control_id!r}, {m.message_type or '?'})"
+        for i, m in enumerate(messages, 1)
+    ]
+    return _parts_outcome("message", labels, list(results))
+
+
+def hprim_outcome(
+    messages: Iterable[HprimInboundMessage], results: Iterable[InboundResult]
+) -> _Outcome:
+    """As :func:`hl7_outcome`, patient by patient (an HPRIM file is split by patient)."""
+    labels = [m.source or f"patient {i}" for i, m in enumerate(messages, 1)]
+    return _parts_outcome("patient", labels, list(results))
+
+
+def _parts_outcome(noun: str, labels: list[str], results: list[InboundResult]) -> _Outcome:
+    pairs = list(zip(labels, results, strict=True))
     accepted = [i for i, (_, r) in enumerate(pairs, 1) if r.verdict is Verdict.ACCEPT]
     if len(accepted) == len(pairs):
         return _Outcome(True, "accepted", items=len(pairs))
-    lines = [f"{len(pairs) - len(accepted)} of {len(pairs)} message(s) refused by the engine:"]
-    lines += [
-        _refusal_line(f"message {i} (MSH-10 {m.control_id!r}, {m.message_type or '?'})", r)
-        for i, (m, r) in enumerate(pairs, 1)
-        if r.verdict is not Verdict.ACCEPT
-    ]
+    lines = [f"{len(pairs) - len(accepted)} of {len(pairs)} {noun}(s) refused by the engine:"]
+    lines += [_refusal_line(label, r) for label, r in pairs if r.verdict is not Verdict.ACCEPT]
     if accepted:
         numbers = ", ".join(str(i) for i in accepted)
-        lines.append(f"accepted and kept, do not send them again: message(s) {numbers}")
+        lines.append(f"accepted and kept, do not send them again: {noun}(s) {numbers}")
     else:
-        lines.append("no message of this file was accepted")
+        lines.append(f"no {noun} of this file was accepted")
     code = "partially_refused" if accepted else "refused"
     return _Outcome(False, code, "\n".join(lines), items=len(pairs))
 
@@ -629,6 +699,8 @@ class FileDropWatcher:
         self._log = structlog.get_logger("medcourier.filedrop", channel=name)
         self._seen: dict[str, tuple[int, int, float]] = {}  # name -> size, mtime, since
         self._sidecar_wait: dict[str, float] = {}  # complete document -> since
+        self._hprim_scan: dict[str, _HprimScan] = {}  # what a look into a file found
+        self._hprim_claims: dict[str, tuple[str, ...]] = {}  # HPRIM file -> companions to take
         self._pass_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -729,9 +801,9 @@ class FileDropWatcher:
             sha256=outcome.digest[:16] or None,
         )
 
-    async def _submit(self, unit: Path, plan: _Hl7Plan | _DocumentPlan) -> _Outcome:
+    async def _submit(self, unit: Path, plan: _Plan) -> _Outcome:
         try:
-            if isinstance(plan, _Hl7Plan):
+            if isinstance(plan, _Hl7Plan | _HprimPlan):
                 return await self._submit_messages(plan)
             return await self._submit_document(plan)
         except Exception as exc:
@@ -739,12 +811,15 @@ class FileDropWatcher:
             self._log.warning("filedrop.sink_unavailable", unit=unit.name, error=type(exc).__name__)
             raise _SinkUnavailable from exc
 
-    async def _submit_messages(self, plan: _Hl7Plan) -> _Outcome:
+    async def _submit_messages(self, plan: _Hl7Plan | _HprimPlan) -> _Outcome:
         results = [await self.sink.hl7_message(message) for message in plan.messages]
         accepted = sum(result.verdict is Verdict.ACCEPT for result in results)
         self.counters.messages_accepted += accepted
         self.counters.messages_refused += len(results) - accepted
-        outcome = hl7_outcome(plan.messages, results)
+        if isinstance(plan, _HprimPlan):
+            outcome = hprim_outcome(plan.messages, results)
+        else:
+            outcome = hl7_outcome(plan.messages, results)
         return _Outcome(outcome.accepted, outcome.code, outcome.text, outcome.items, plan.digest)
 
     async def _submit_document(self, plan: _DocumentPlan) -> _Outcome:
@@ -806,17 +881,52 @@ class FileDropWatcher:
         return unit
 
     def _ready_names(self) -> list[str]:
-        """The files of the drop folder that are complete, oldest first (arrival order)."""
+        """The files of the drop folder that are complete, oldest first (arrival order).
+
+        A file that a complete HPRIM file names (FIC) is left out: it is taken with that file.
+        """
         now = time.monotonic()
         files = self._drop_folder_files()
-        for table in (self._seen, self._sidecar_wait):
+        tables: tuple[dict[str, Any], ...] = (
+            self._seen,
+            self._sidecar_wait,
+            self._hprim_scan,
+            self._hprim_claims,
+        )
+        for table in tables:
             for gone in [name for name in table if name not in files]:
                 del table[gone]
         names = sorted(
             (name for name in files if self._is_candidate(name)),
             key=lambda name: (files[name][1], name),
         )
-        return [name for name in names if self._is_ready(name, files, now)]
+        if self.options.format in ("hprim", "auto"):
+            # Time every file, candidate or not: one an HPRIM file names may be outside
+            # ``pattern`` (``*.HPR``), and must not start its stability wait only once named.
+            for name in files:
+                if not name.startswith(".") and name not in self._seen:
+                    self._is_complete(name, files, now)
+        hprim = {
+            name: self._hprim_companions(name, files, now)
+            for name in names
+            if self._is_hprim_main(name, files)
+        }
+        named = {
+            found
+            for main, wanted in hprim.items()
+            for written in wanted or ()
+            if (found := resolve_companion(written, files, main)) is not None
+        }
+        ready = []
+        for name in names:
+            if name in named:
+                self._sidecar_wait.pop(name, None)  # neither a document nor an orphan: wait over
+            elif name in hprim:
+                if self._is_hprim_ready(name, hprim[name], files, now):
+                    ready.append(name)
+            elif self._is_ready(name, files, now):
+                ready.append(name)
+        return ready
 
     def _drop_folder_files(self) -> dict[str, tuple[int, int]]:
         files: dict[str, tuple[int, int]] = {}
@@ -839,8 +949,17 @@ class FileDropWatcher:
 
     def _is_ready(self, name: str, files: dict[str, tuple[int, int]], now: float) -> bool:
         complete = self._is_complete(name, files, now)
-        if self._format_of(name) == "hl7v2":
+        fmt = self._format_of(name)
+        if fmt == "hl7v2":
             return complete
+        if fmt == "hprim":
+            # Not an HPRIM file, and no HPRIM file names it (yet): a companion whose HPRIM
+            # file may still come (senders write companions first). Taken after the wait, to
+            # go to error/.
+            if not complete:
+                return False
+            since = self._sidecar_wait.setdefault(name, now)
+            return now - since >= self.options.sidecar_timeout
         sidecar = f"{name}.json"
         if sidecar in files:
             self._sidecar_wait.pop(name, None)
@@ -851,10 +970,88 @@ class FileDropWatcher:
         since = self._sidecar_wait.setdefault(name, now)
         return now - since >= self.options.sidecar_timeout  # taken, to go to error/
 
-    def _format_of(self, name: str) -> str:
+    def _format_of(self, name: str) -> Format:
         if self.options.format != "auto":
             return self.options.format
-        return "hl7v2" if name.lower().endswith(_HL7_SUFFIXES) else "document"
+        lowered = name.lower()
+        if lowered.endswith(_HL7_SUFFIXES):
+            return "hl7v2"
+        if lowered.endswith(_HPRIM_SUFFIXES):
+            return "hprim"
+        return "document"
+
+    @property
+    def _hprim_charset(self) -> str:
+        return self.options.default_charset or HPRIM_CHARSET
+
+    def _hprim_scan_of(self, name: str, files: dict[str, tuple[int, int]]) -> _HprimScan:
+        """What was found in a file, forgotten as soon as its size or mtime changes."""
+        size, mtime = files[name]
+        scan = self._hprim_scan.get(name)
+        if scan is None or (scan.size, scan.mtime) != (size, mtime):
+            scan = self._hprim_scan[name] = _HprimScan(size, mtime)
+        return scan
+
+    def _is_hprim_main(self, name: str, files: dict[str, tuple[int, int]]) -> bool:
+        """An HPRIM file, as opposed to a companion: by its name (``.hpr``, and always in
+        ``auto``), else, in ``format: hprim``, by its first line (``H|~^\\&|...``)."""
+        if self._format_of(name) != "hprim":
+            return False
+        if self.options.format == "auto" or name.lower().endswith(_HPRIM_SUFFIXES):
+            return True
+        scan = self._hprim_scan_of(name, files)
+        if scan.is_main is None:
+            scan.is_main = looks_like_hprim(_peek(self.folder / name, HPRIM_SNIFF_BYTES))
+        return scan.is_main
+
+    def _hprim_companions(
+        self, name: str, files: dict[str, tuple[int, int]], now: float
+    ) -> tuple[str, ...] | None:
+        """The files a complete HPRIM file names (as written); None while it is incomplete.
+
+        A file that cannot be read names nothing: it is taken at once, and its reading fails
+        again, with the reason, when it is processed.
+        """
+        if not self._is_complete(name, files, now):
+            return None
+        scan = self._hprim_scan_of(name, files)
+        if scan.companions is None:
+            scan.companions = ()
+            with contextlib.suppress(OSError, HprimFileError):
+                if scan.size <= self.options.max_file_bytes:
+                    data = (self.folder / name).read_bytes()
+                    escape = self.options.hprim_escape_style
+                    scan.companions = tuple(companion_names(data, self._hprim_charset, escape))
+        return scan.companions
+
+    def _is_hprim_ready(
+        self,
+        name: str,
+        companions: tuple[str, ...] | None,
+        files: dict[str, tuple[int, int]],
+        now: float,
+    ) -> bool:
+        """Complete, and so is every file it names; or the wait for them is over (the file then
+        goes to error/ naming the missing ones). Notes the companions to claim with it."""
+        if companions is None:
+            return False
+        found = {written: resolve_companion(written, files, name) for written in companions}
+        complete = tuple(
+            sorted(
+                {
+                    companion
+                    for companion in found.values()
+                    if companion is not None
+                    and self._is_complete(companion, files, now, companion=True)
+                }
+            )
+        )
+        self._hprim_claims[name] = complete
+        if all(found.values()) and len(complete) == len(set(found.values())):
+            self._sidecar_wait.pop(name, None)
+            return True
+        since = self._sidecar_wait.setdefault(name, now)
+        return now - since >= self.options.sidecar_timeout
 
     def _is_complete(
         self, name: str, files: dict[str, tuple[int, int]], now: float, companion: bool = False
@@ -871,11 +1068,22 @@ class FileDropWatcher:
         return now - seen[2] >= self.options.stable_for
 
     def _claim(self, name: str) -> Path | None:
-        """Take a file out of the drop folder by renaming it into a new unit."""
+        """Take a file out of the drop folder by renaming it into a new unit.
+
+        An HPRIM file's companions follow it; the claim record is written first, so that a
+        crash at any point leaves either an empty unit (removed, the file taken again) or one
+        that names its main file and the companions still to take.
+        """
         unit = self._new_unit()
+        companions = self._hprim_claims.pop(name, ())
+        if companions:
+            claim = {"main": name, "companions": list(companions)}
+            write_durably(unit / CLAIM_FILE, json.dumps(claim).encode("utf-8"))
         try:
             os.rename(self.folder / name, unit / name)
         except OSError as exc:  # gone, or still held open by its writer on some shares
+            with contextlib.suppress(FileNotFoundError):
+                (unit / CLAIM_FILE).unlink()
             unit.rmdir()
             if not isinstance(exc, FileNotFoundError):
                 self._log.warning("filedrop.claim_failed", errno=exc.errno)
@@ -886,9 +1094,26 @@ class FileDropWatcher:
         self._seen.pop(name, None)
         self._sidecar_wait.pop(name, None)
         self._move_companions(self.folder, unit, name)
+        self._claim_hprim_companions(unit, companions)
         self.counters.files_claimed += 1
-        self._log.info("filedrop.claimed", unit=unit.name)
+        self._log.info("filedrop.claimed", unit=unit.name, companions=len(companions) or None)
         return unit
+
+    def _claim_hprim_companions(self, unit: Path, companions: Iterable[str]) -> None:
+        """Rename the files an HPRIM file names into its unit (those still in the folder)."""
+        moved = False
+        for companion in companions:
+            self._seen.pop(companion, None)
+            self._sidecar_wait.pop(companion, None)
+            source, target = self.folder / companion, unit / companion
+            if os.path.lexists(source) and not os.path.lexists(target):
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(source, target)
+                    moved = True
+            self._move_companions(self.folder, unit, companion)  # its own .ok, if any
+        if moved:
+            fsync_dir(unit)
+            fsync_dir(self.folder)
 
     def _move_companions(self, source: Path, unit: Path, name: str) -> None:
         moved = False
@@ -904,7 +1129,7 @@ class FileDropWatcher:
 
     # ------------------------------------------------------------------ units (threads)
 
-    def _open_unit(self, unit: Path) -> tuple[str, _Hl7Plan | _DocumentPlan | _Outcome] | None:
+    def _open_unit(self, unit: Path) -> tuple[str, _Plan | _Outcome] | None:
         """Finish a decided unit, or read an undecided one into what to submit."""
         if (unit / OUTCOME_FILE).exists():
             self._finish(unit)
@@ -913,17 +1138,25 @@ class FileDropWatcher:
         if not files:  # the process stopped between creating the unit and the claim
             self._remove_unit(unit)
             return None
-        mains = [name for name in files if not _is_companion(name)]
-        main = mains[0] if mains else _strip_companion_suffix(files[0])
+        claim = _read_claim(unit)
+        if claim is not None and claim[0] in files:  # an HPRIM file and its companions
+            main = claim[0]
+            self._claim_hprim_companions(unit, claim[1])  # a claim cut short by a crash
+        else:
+            mains = [name for name in files if not _is_companion(name)]
+            main = mains[0] if mains else _strip_companion_suffix(files[0])
         self._move_companions(self.folder, unit, main)  # a claim cut short by a crash
         return main, self._load(unit / main)
 
-    def _load(self, path: Path) -> _Hl7Plan | _DocumentPlan | _Outcome:
+    def _load(self, path: Path) -> _Plan | _Outcome:
         try:
             data = self._read(path)
             digest = hashlib.sha256(data).hexdigest()
-            if self._format_of(path.name) == "hl7v2":
+            fmt = self._format_of(path.name)
+            if fmt == "hl7v2":
                 return _Hl7Plan(self._messages(data), digest)
+            if fmt == "hprim":
+                return _HprimPlan(self._hprim_messages(path, data), digest)
             return _DocumentPlan(self._document(path, data), digest)
         except _ContentError as exc:
             return _Outcome(False, exc.code, exc.text)
@@ -950,10 +1183,51 @@ class FileDropWatcher:
         return data
 
     def _messages(self, data: bytes) -> tuple[InboundMessage, ...]:
+        charset = self.options.default_charset or HL7_CHARSET
         return tuple(
-            decode_hl7_message(lines, index, self.name, self.options.default_charset)
+            decode_hl7_message(lines, index, self.name, charset)
             for index, lines in enumerate(split_hl7_file(data), start=1)
         )
+
+    def _hprim_messages(self, path: Path, data: bytes) -> tuple[HprimInboundMessage, ...]:
+        """One message per patient of an HPRIM file, with the companions from its unit."""
+        wait = f"{self.options.sidecar_timeout:g} s"
+        if (
+            self.options.format == "hprim"
+            and not path.name.lower().endswith(_HPRIM_SUFFIXES)
+            and not looks_like_hprim(data[:HPRIM_SNIFF_BYTES])
+        ):
+            raise _ContentError(
+                "not_hprim",
+                "not an HPRIM file (its first line is not an H line like H|~^\\&|...), and no "
+                f"HPRIM file named it as a companion (FIC OBX) within {wait}",
+            )
+
+        def companion(written: str) -> bytes:
+            others = [name for name in _visible_files(path.parent) if name != path.name]
+            found = resolve_companion(written, others, path.name)
+            if found is None:
+                raise _ContentError(
+                    "missing_companion",
+                    f"the file {written!r} that the HPRIM file names (FIC OBX) did not arrive "
+                    f"beside it within {wait}",
+                )
+            try:
+                return self._read(path.parent / found)
+            except _ContentError as exc:
+                raise _ContentError(exc.code, f"companion {found!r}: {exc.text}") from None
+
+        try:
+            return read_hprim_file(
+                data,
+                channel=self.name,
+                companion=companion,
+                default_charset=self._hprim_charset,
+                escape_style=self.options.hprim_escape_style,
+                ipp_system=self.options.hprim_ipp_system,
+            )
+        except HprimFileError as exc:
+            raise _ContentError(exc.code, exc.text) from None
 
     def _document(self, path: Path, data: bytes) -> InboundDocument:
         sidecar_path = path.with_name(f"{path.name}.json")
@@ -1032,6 +1306,50 @@ def _raised_at(exc: BaseException) -> str | None:
     """``function:line`` where an exception was raised: its message may hold a file name."""
     frames = traceback.extract_tb(exc.__traceback__)
     return f"{frames[-1].name}:{frames[-1].lineno}" if frames else None
+
+
+@dataclass
+class _HprimScan:
+    """What a look into a drop-folder file found, for one size and mtime: whether it is an HPRIM
+    file (``format: hprim``), and once complete, the files it names."""
+
+    size: int
+    mtime: int
+    is_main: bool | None = None
+    companions: tuple[str, ...] | None = None
+
+
+def resolve_companion(written: str, names: Iterable[str], main: str) -> str | None:
+    """The file among ``names`` that a FIC OBX means by ``written``: that name (its last path
+    part), else the one name equal to it but for case (8.3 names written by DOS-era software
+    meet case-preserving shares). Never the HPRIM file itself."""
+    base = companion_file_name(written)
+    if base is None:
+        return None
+    candidates = [name for name in names if name != main]
+    if base in candidates:
+        return base
+    folded = [name for name in candidates if name.casefold() == base.casefold()]
+    return folded[0] if len(folded) == 1 else None
+
+
+def _read_claim(unit: Path) -> tuple[str, tuple[str, ...]] | None:
+    """The claim record of a unit (an HPRIM file and its companions), None without one."""
+    try:
+        raw = json.loads((unit / CLAIM_FILE).read_bytes())
+        return str(raw["main"]), tuple(str(name) for name in raw["companions"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _peek(path: Path, size: int) -> bytes:
+    """The first bytes of a file; nothing when it cannot be read (it is then not taken for an
+    HPRIM file, and its reading fails with a reason when it is processed)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(size)
+    except OSError:
+        return b""
 
 
 def _strip_companion_suffix(name: str) -> str:
