@@ -121,7 +121,7 @@ def main() -> int:
         peak = json.loads(out.stdout)
         extra = peak["extra_bytes"]
         print(
-            f"| {route.name} | {route.settings.format} | {rates[0]:,.0f} | {rates[1]:,.0f} | "
+            f"| {label} | {fmt_name} | {rates[0]:,.0f} | {rates[1]:,.0f} | "
             f"{peak['seconds']:.2f} | {extra / 2**20:,.0f} MiB | {extra / BIG:.1f} |"
         )
     return 0
