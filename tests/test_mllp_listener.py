@@ -372,7 +372,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
     openssl = shutil.which("openssl")
     if openssl is None:
-        pytest.skip("the openssl command is needed to make test certificates")
+        pytest.fail("the openssl command is needed for test certificates (apt-get install openssl)")
     directory = tmp_path_factory.mktemp("pki")
     (directory / "req.cnf").write_text("[req]\ndistinguished_name=dn\nprompt=no\n[dn]\nCN=x\n")
     leaf = "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"

@@ -242,7 +242,7 @@ def test_retry_statuses_can_add_4xx_codes() -> None:
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     openssl = shutil.which("openssl")
     if openssl is None:
-        pytest.skip("the openssl command is needed to make test certificates")
+        pytest.fail("the openssl command is needed for test certificates (apt-get install openssl)")
     directory = tmp_path_factory.mktemp("certs")
     made: dict[str, Path] = {}
     for name, subject in (("server", "/CN=127.0.0.1"), ("client", "/CN=medcourier-client")):
