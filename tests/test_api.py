@@ -255,6 +255,11 @@ def test_encounter_of_another_patient_is_422(eng: Running, people: dict[str, str
         ),
         (lambda p: send_parameters(p, None, pdf_bytes(100 * 1024)), 413, "limit"),
         (lambda p: {"resourceType": "Patient"}, 400, "Parameters"),
+        (
+            lambda p: {"resourceType": "Parameters", "parameter": [{"name": ["subject"]}]},
+            400,
+            "unknown parameter",
+        ),
     ],
 )
 def test_bad_input_is_refused(

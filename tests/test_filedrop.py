@@ -29,6 +29,7 @@ from medcourier.engine.inbound import (
     InboundMessage,
     InboundResult,
     PatientIdentifier,
+    SinkUnavailable,
     Verdict,
 )
 from medcourier.engine.plugins import load_plugins
@@ -50,7 +51,7 @@ class FakeSink:
     def _maybe_fail(self) -> None:
         if self.failures:
             self.failures -= 1
-            raise ConnectionError("engine down")
+            raise SinkUnavailable("engine down")
 
     async def hl7_message(self, message: InboundMessage) -> InboundResult:
         self._maybe_fail()
@@ -573,3 +574,29 @@ def test_auto_format_takes_hl7_files_and_documents_from_one_inbox(tmp_path: Path
     assert [m.control_id for m in sink.messages] == ["M1", "M2"]
     assert [d.patient_reference for d in sink.documents] == ["Patient/p1"]
     assert names(watcher.options.processed_path) == ["cr.pdf", "cr.pdf.json", "feed.HL7"]
+
+
+def test_a_file_that_makes_the_sink_fail_goes_to_error_and_does_not_block_others(
+    tmp_path: Path,
+) -> None:
+    """Only SinkUnavailable holds a file back; any other failure is this file's problem."""
+    watcher, sink = make(tmp_path)
+
+    async def failing(message: InboundMessage) -> InboundResult:
+        if message.control_id == "BAD":
+            raise ValueError("something in this message breaks the engine")
+        sink.messages.append(message)
+        return InboundResult(Verdict.ACCEPT)
+
+    sink.hl7_message = failing  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        drop(watcher, "a.hl7", hl7_file(hl7("BAD")))
+        drop(watcher, "b.hl7", hl7_file(hl7("GOOD")))
+        await settle(watcher, passes=3)
+
+    asyncio.run(scenario())
+    assert [m.control_id for m in sink.messages] == ["GOOD"]
+    assert "a.hl7" in names(watcher.options.error_path)
+    assert "ValueError" in (watcher.options.error_path / "a.hl7.error.txt").read_text()
+    assert names(watcher.options.processed_path) == ["b.hl7"]

@@ -159,3 +159,17 @@ def test_http_document_for_an_adt_patient_routes_to_that_hospital(
     bundle = eng.wait_status(txid, {"completed"})
     assert [e["resource"]["recipient"][0]["display"] for e in bundle["entry"]] == ["hospa"]
     assert len(hospa.received) == 1
+
+
+def test_a_message_with_one_bad_document_queues_none_of_them(
+    lt: LoopThread, eng: Running, hospa: EhrSimulator
+) -> None:
+    """Refused as a whole (AE naming the OBX), so the corrected resend delivers each once."""
+    good = oru("MULTI-1", pdf_bytes(500))
+    not_a_pdf = base64.b64encode(b"this is not a PDF").decode()
+    two = good + f"OBX|2|ED|11502-2^Bilan^LN||^AP^PDF^Base64^{not_a_pdf}||||||F\r"
+    acks = lt.run(_exchange(_port(eng), [ADT_A01.format(cid="ADT-M"), two]))
+    assert _msa(acks[1]) == ("AE", "MULTI-1")
+    assert "OBX" in str(acks[1].segment("ERR")[2])
+    assert eng.document_count() == 0
+    assert hospa.received == []

@@ -54,6 +54,16 @@ class DirectoryStore:
         with self.engine.begin() as c:
             return _insert_patient(c, resource, organization)
 
+    def tx_put_patient(
+        self, c: Connection, resource: dict[str, Any], organization: str | None
+    ) -> dict[str, Any]:
+        return _insert_patient(c, resource, organization)
+
+    def tx_put_encounter(
+        self, c: Connection, resource: dict[str, Any], patient_id: str, organization: str | None
+    ) -> dict[str, Any]:
+        return _insert_encounter(c, resource, patient_id, organization)
+
     def get_patient(self, patient_id: str) -> dict[str, Any] | None:
         """The patient, or the survivor it was merged into (the retired id still resolves)."""
         with self.engine.connect() as c:

@@ -133,3 +133,12 @@ Interpretation = DirectoryUpdate | MessageDocuments
 
 class InboundRejected(InboundError):
     """A message that is not for us (unsupported type or trigger): answered AR, not AE."""
+
+
+class SinkUnavailable(Exception):
+    """The engine cannot take anything right now (queue or database unreachable).
+
+    Channels must not answer: no ACK (the sender resends), the file stays claimed and is tried
+    again. Any other exception from a sink is a problem with this message or file, answered as
+    such (AE, error/), so that one bad input never blocks the ones behind it.
+    """

@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import sqlalchemy.exc
 import structlog
 
 from medcourier.engine.content import default_title, organizations, sniff
@@ -23,6 +24,7 @@ from medcourier.engine.inbound import (
     InboundRejected,
     InboundResult,
     MessageDocuments,
+    SinkUnavailable,
     Verdict,
 )
 
@@ -42,6 +44,12 @@ class EngineSink:
         self.routes = routes
 
     async def hl7_message(self, message: InboundMessage) -> InboundResult:
+        try:
+            return await self._hl7_message(message)
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
+            raise SinkUnavailable(f"store unavailable: {type(exc).__name__}") from exc
+
+    async def _hl7_message(self, message: InboundMessage) -> InboundResult:
         sender = f"{message.channel}|{message.sending_application}|{message.sending_facility}"
         dedupe = (sender, message.control_id) if message.control_id else None
         if dedupe is not None:
@@ -104,6 +112,10 @@ class EngineSink:
             else None
         )
         assert patient is not None
+        # Every document is checked before any is queued: a message refused (AE) half-way would
+        # have its first documents delivered again when the corrected message is resent.
+        for doc in meaning.documents:
+            self._check(doc)
         txids = []
         for i, doc in enumerate(meaning.documents):
             last = i == len(meaning.documents) - 1
@@ -111,6 +123,12 @@ class EngineSink:
         return InboundResult(Verdict.ACCEPT, transaction_ids=tuple(txids))
 
     async def document(self, document: InboundDocument) -> InboundResult:
+        try:
+            return await self._document(document)
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
+            raise SinkUnavailable(f"store unavailable: {type(exc).__name__}") from exc
+
+    async def _document(self, document: InboundDocument) -> InboundResult:
         key = document.extra.get("idempotency_key")
         dedupe = (f"{document.channel}|file", key) if key else None
         if dedupe is not None:
@@ -170,6 +188,19 @@ class EngineSink:
             raise InboundError("the encounter does not belong to the document's patient")
         return found
 
+    def _check(self, doc: InboundDocument) -> None:
+        """Size and content checks, answered with the document's place in the message."""
+        where = doc.extra.get("location")
+        limit = self.engine.config.settings.limits.max_document_bytes
+        if len(doc.payload) > limit:
+            raise InboundError(f"the document is larger than the limit of {limit} bytes", where)
+        actual = sniff(doc.payload)
+        if actual != doc.content_type:
+            seen = f"it looks like {actual}" if actual else "its type is not recognised"
+            raise InboundError(
+                f"the document does not match content type {doc.content_type}: {seen}", where
+            )
+
     async def _submit(
         self,
         doc: InboundDocument,
@@ -179,15 +210,7 @@ class EngineSink:
     ) -> str:
         from medcourier.engine.service import NoRouteError, SubmitRequest
 
-        limit = self.engine.config.settings.limits.max_document_bytes
-        if len(doc.payload) > limit:
-            raise InboundError(f"the document is larger than the limit of {limit} bytes")
-        actual = sniff(doc.payload)
-        if actual != doc.content_type:
-            seen = f"it looks like {actual}" if actual else "its type is not recognised"
-            raise InboundError(
-                f"the document does not match content type {doc.content_type}: {seen}"
-            )
+        self._check(doc)
         request = SubmitRequest(
             patient_id=patient["id"],
             encounter_id=encounter["id"] if encounter else None,
@@ -209,4 +232,4 @@ class EngineSink:
             raise InboundError(str(exc)) from exc
         except BrokerError as exc:
             # not an error of the message: let the channel hold it (no ACK, file stays)
-            raise RuntimeError(f"queue unavailable: {exc}") from exc
+            raise SinkUnavailable(f"queue unavailable: {exc}") from exc

@@ -209,18 +209,25 @@ class Engine:
             self.plugins.hook.medcourier_status_changed(
                 transaction_id=txid, route=r.name, old=None, new=Status.PREPARATION, reason=None
             )
-        try:
-            await asyncio.gather(*(self.broker.publish(WorkItem(txid, r.name)) for r in routes))
-        except BrokerError as exc:
-            for r in routes:
-                await self.store.write(
-                    self.store.sync.tx_set_status,
-                    txid,
-                    r.name,
-                    Status.ENTERED_IN_ERROR,
-                    f"not queued: {exc}",
-                )
-            raise
+        outcomes = await asyncio.gather(
+            *(self.broker.publish(WorkItem(txid, r.name)) for r in routes),
+            return_exceptions=True,
+        )
+        failed = [(r, e) for r, e in zip(routes, outcomes, strict=True) if e is not None]
+        for r, error in failed:
+            if not isinstance(error, BrokerError):
+                raise error
+            await self.store.write(
+                self.store.sync.tx_set_status,
+                txid,
+                r.name,
+                Status.ENTERED_IN_ERROR,
+                f"not queued: {error}",
+            )
+        if len(failed) == len(routes):
+            # Nothing was queued: the sender is told so and may send again.
+            raise failed[0][1]
+        # Some routes were queued: the document is accepted; the others show entered-in-error.
         if req.dedupe is not None:
             await self.store.write(self.store.sync.tx_remember, *req.dedupe, [txid])
         for r in routes:

@@ -88,7 +88,8 @@ class Store(DirectoryStore):
     def __init__(self, url: str | None, data_dir: Path) -> None:
         self.url = normalize_url(url, data_dir)
         self.is_sqlite = self.url.startswith("sqlite")
-        kwargs: dict[str, Any] = {}
+        # hide_parameters: an error's text must never carry the bound values (patient data).
+        kwargs: dict[str, Any] = {"hide_parameters": True}
         if self.is_sqlite:
             data_dir.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
@@ -396,7 +397,10 @@ def _sqlite_connect_autocommit(dbapi_connection: Any) -> None:
 
 
 def _sqlite_begin(conn: Connection) -> None:
-    conn.exec_driver_sql("BEGIN")
+    # IMMEDIATE takes the write lock up front: a transaction that reads before it writes would
+    # otherwise fail at its first write (SQLITE_BUSY_SNAPSHOT, which no busy timeout waits out)
+    # whenever another connection committed in between.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _remember(c: Connection, dedupe: tuple[str, str], transaction_ids: list[str]) -> None:

@@ -111,10 +111,10 @@ class RouteWorker:
             if result.outcome is Outcome.ACCEPTED:
                 ack = result.detail.get("ack_code")
                 reason = result.reason or (f"delivered, acknowledged {ack}" if ack else "delivered")
-                await self.set_status(item, Status.COMPLETED, reason, sent_at=now())
+                await self._record_outcome(item, Status.COMPLETED, reason, sent_at=now())
                 return
             if result.outcome is Outcome.REJECTED:
-                await self.set_status(item, Status.ENTERED_IN_ERROR, result.reason)
+                await self._record_outcome(item, Status.ENTERED_IN_ERROR, result.reason)
                 return
             if attempt >= retry.max_attempts:
                 await self.set_status(
@@ -138,6 +138,29 @@ class RouteWorker:
             )
             await asyncio.sleep(delay)
             attempt += 1
+
+    async def _record_outcome(
+        self, item: WorkItem, status: Status, reason: str | None, **kw: Any
+    ) -> None:
+        """Record what the destination answered, retrying the write until it lands.
+
+        The destination has the message now: failing here would hand the item back to the queue
+        and send it a second time, so a store hiccup is waited out instead.
+        """
+        delay = 0.1
+        while True:
+            try:
+                await self.set_status(item, status, reason, **kw)
+                return
+            except Exception as exc:
+                log.warning(
+                    "status write failed, retrying",
+                    transaction_id=item.transaction_id,
+                    route=item.route,
+                    error=type(exc).__name__,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _validate(self, document: Document) -> list[str]:
         issues = []

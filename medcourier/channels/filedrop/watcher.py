@@ -83,6 +83,7 @@ from medcourier.engine.inbound import (
     InboundResult,
     InboundSink,
     PatientIdentifier,
+    SinkUnavailable,
     Verdict,
 )
 from medcourier.transforms.hprim.interpret import (
@@ -806,10 +807,21 @@ class FileDropWatcher:
             if isinstance(plan, _Hl7Plan | _HprimPlan):
                 return await self._submit_messages(plan)
             return await self._submit_document(plan)
-        except Exception as exc:
+        except SinkUnavailable as exc:
             self.counters.sink_failures += 1
             self._log.warning("filedrop.sink_unavailable", unit=unit.name, error=type(exc).__name__)
             raise _SinkUnavailable from exc
+        except Exception as exc:
+            # Not the engine being away: something in this file makes it fail. It goes to
+            # error/ so that the files behind it are not held up.
+            self._log.error("filedrop.sink_failed", unit=unit.name, error=type(exc).__name__)
+            return _Outcome(
+                False,
+                "sink_error",
+                f"the engine could not process this file ({type(exc).__name__}); see its log",
+                0,
+                plan.digest,
+            )
 
     async def _submit_messages(self, plan: _Hl7Plan | _HprimPlan) -> _Outcome:
         results = [await self.sink.hl7_message(message) for message in plan.messages]

@@ -44,7 +44,13 @@ from medcourier.channels.mllp.ack import (
     python_codec,
 )
 from medcourier.channels.mllp.framing import START_BLOCK, FrameReader, FramingError, frame
-from medcourier.engine.inbound import InboundMessage, InboundResult, InboundSink, Verdict
+from medcourier.engine.inbound import (
+    InboundMessage,
+    InboundResult,
+    InboundSink,
+    SinkUnavailable,
+    Verdict,
+)
 
 log = structlog.get_logger("medcourier.mllp.listener")
 
@@ -382,7 +388,15 @@ class MllpListener:
                     return  # not handed to the sink, so not ACKed: the sender will resend
                 self._busy.add(writer)
                 try:
-                    ack = await self._answer(message, peer)
+                    try:
+                        ack = await self._answer(message, peer)
+                    except SinkUnavailable:
+                        # The engine cannot commit now: no ACK at all, and the connection is
+                        # closed, so the sender keeps the message and sends it again later.
+                        log.warning(
+                            "mllp.listener.engine_unavailable", channel=self.name, peer=peer
+                        )
+                        return
                     if ack is not None:
                         writer.write(frame(ack))
                         async with asyncio.timeout(idle):  # a peer that stops reading
@@ -449,6 +463,8 @@ class MllpListener:
         )
         try:
             result = await self.sink.hl7_message(inbound)
+        except SinkUnavailable:
+            raise
         except Exception as exc:  # the sender gets AE; the connection stays usable
             log.error(
                 "mllp.listener.sink_failed",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -18,6 +19,8 @@ from medcourier.engine.api.fhir import (
 )
 from medcourier.engine.service import Engine
 
+log = structlog.get_logger("medcourier.api")
+
 
 def create_app(engine: Engine) -> FastAPI:
     app = FastAPI(title="medcourier", version=__version__, docs_url=None, redoc_url=None)
@@ -33,7 +36,15 @@ def create_app(engine: Engine) -> FastAPI:
     async def validation_error(_request: Request, exc: Exception) -> Response:
         return fhir_response(operation_outcome(str(exc), "invalid"), 400)
 
+    async def unexpected(_request: Request, exc: Exception) -> Response:
+        # Logged by type only: exception texts from the data layer can carry patient data.
+        log.error("unexpected error", error=type(exc).__name__)
+        return fhir_response(
+            operation_outcome("Internal error: the request was not processed", "exception"), 500
+        )
+
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.include_router(send_to_ehr.router)
     app.include_router(directory.router)

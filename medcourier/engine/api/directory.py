@@ -25,6 +25,8 @@ DATETIME = re.compile(
     r"(Z|[+-]\d{2}:\d{2}))?)?)?$"
 )
 GENDERS = {"male", "female", "other", "unknown"}
+# The store's identifier columns hold 400 characters.
+MAX_IDENTIFIER = 400
 ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 ORG_REF = re.compile(r"^Organization/[A-Za-z0-9\-.]{1,64}$")
 PATIENT_REF = re.compile(r"^Patient/([A-Za-z0-9\-.]{1,64})$")
@@ -76,6 +78,9 @@ def check_patient(body: dict[str, Any]) -> str | None:
             raise _bad(f"Patient.identifier[{i}].value", "is required and must be a string")
         if "system" in ident and not isinstance(ident["system"], str):
             raise _bad(f"Patient.identifier[{i}].system", "must be a URI string")
+        for key in ("system", "value"):
+            if len(ident.get(key) or "") > MAX_IDENTIFIER:
+                raise _bad(f"Patient.identifier[{i}].{key}", f"longer than {MAX_IDENTIFIER}")
     names = body.get("name", [])
     if not isinstance(names, list) or not all(isinstance(n, dict) for n in names):
         raise _bad("Patient.name", "must be a list of HumanName")
@@ -100,6 +105,18 @@ def check_encounter(body: dict[str, Any]) -> tuple[str, str | None]:
     """Check an Encounter; returns (patient id, service provider reference)."""
     if not isinstance(body.get("status"), str):
         raise _bad("Encounter.status", "is required (planned, in-progress, finished...)")
+    identifiers = body.get("identifier", [])
+    if not isinstance(identifiers, list):
+        raise _bad("Encounter.identifier", "must be a list")
+    for i, ident in enumerate(identifiers):
+        if not isinstance(ident, dict) or not isinstance(ident.get("value", ""), str):
+            raise _bad(f"Encounter.identifier[{i}].value", "must be a string")
+        for key in ("system", "value"):
+            value = ident.get(key) or ""
+            if not isinstance(value, str) or len(value) > MAX_IDENTIFIER:
+                raise _bad(
+                    f"Encounter.identifier[{i}].{key}", f"a string of at most {MAX_IDENTIFIER}"
+                )
     klass = body.get("class")
     if not isinstance(klass, dict) or not isinstance(klass.get("code"), str):
         raise _bad("Encounter.class", "is required: a Coding with a code (IMP, AMB, EMER...)")
@@ -124,7 +141,7 @@ async def create_patient(
     body = _expect_type(await read_json(request, _limit(request)), "Patient")
     organization = check_patient(body)
     engine = _engine(request)
-    saved = await engine.store.run(engine.store.sync.put_patient, body, organization)
+    saved = await engine.store.write(engine.store.sync.tx_put_patient, body, organization)
     location = f"{engine.base_url}/fhir/Patient/{saved['id']}"
     return fhir_response(saved, 201, Location=location)
 
@@ -172,7 +189,9 @@ async def create_encounter(
             f"Resource contains reference to Patient/{patient_id} but this resource is not valid",
             expression="Encounter.subject",
         )
-    saved = await engine.store.run(engine.store.sync.put_encounter, body, patient_id, organization)
+    saved = await engine.store.write(
+        engine.store.sync.tx_put_encounter, body, patient_id, organization
+    )
     location = f"{engine.base_url}/fhir/Encounter/{saved['id']}"
     return fhir_response(saved, 201, Location=location)
 

@@ -62,7 +62,7 @@ def _parameters(body: Any) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for i, p in enumerate(params):
         name = p.get("name") if isinstance(p, dict) else None
-        if name not in PARAMETERS:
+        if not isinstance(name, str) or name not in PARAMETERS:
             known = ", ".join(PARAMETERS)
             raise FhirError(
                 400,

@@ -101,7 +101,7 @@ def _documents(message: InboundMessage) -> MessageDocuments:
                 title=doc.title,
                 sender_identifier=doc.sender_identifier,
                 sender_application=message.sending_application or None,
-                extra=dict(doc.extra),
+                extra={**doc.extra, "location": where},
             )
         )
     return MessageDocuments(
