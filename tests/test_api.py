@@ -162,6 +162,19 @@ def test_bad_patient_is_400(eng: Running, body: dict[str, Any], expected: str) -
     assert expected in _outcome(eng.post("/fhir/Patient", body), 400)
 
 
+def test_an_encounter_time_that_is_no_calendar_time_is_400(
+    eng: Running, people: dict[str, str]
+) -> None:
+    body = {
+        "resourceType": "Encounter",
+        "status": "planned",
+        "class": {"code": "AMB"},
+        "subject": {"reference": f"Patient/{people['patient']}"},
+        "period": {"start": "2024-02-30T10:00:00Z"},
+    }
+    assert "Encounter.period.start" in _outcome(eng.post("/fhir/Encounter", body), 400)
+
+
 def test_encounter_of_unknown_patient_is_422(eng: Running) -> None:
     body = {
         "resourceType": "Encounter",

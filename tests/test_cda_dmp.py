@@ -692,3 +692,23 @@ def test_png_modes_convert_without_loss(mode: str, pixel: Any) -> None:
     with Image.open(io.BytesIO(png_to_tiff(out.getvalue()))) as tiff:
         assert tiff.mode == mode
         assert tiff.tobytes() == image.tobytes()
+
+
+def test_pasted_control_characters_and_odd_emails_still_give_a_valid_cda(
+    options: CdaDmpOptions, assert_valid: Callable[[bytes], etree._Element]
+) -> None:
+    """A title pasted from Word (VT line break), an address with a form feed, and e-mails that
+    need URL encoding: the document is still one the DMP accepts."""
+    patient = fr_core_patient(
+        telecom=[
+            {"system": "email", "value": "jean dupont@example.org"},
+            {"system": "email", "value": "élodie.brûlé@exemple.fr"},
+            {"system": "email", "value": "50%off@exemple.fr"},
+        ],
+        address=[{"line": ["12 rue\x0cdes Lilas"], "city": "Paris", "postalCode": "75011"}],
+    )
+    document = make_document(title="Compte\x0brendu", patient=patient)
+    root = assert_valid(render_cda(document, options))
+    text = etree.tostring(root, encoding="unicode")
+    assert "<title>Compte rendu</title>" in text.replace(' xmlns="urn:hl7-org:v3"', "")
+    assert "mailto:jean%20dupont@example.org" in text

@@ -697,3 +697,14 @@ def test_simulate_ehr_command_serves_until_sigint(
         "000001-CLI-1.hl7",
         "000002-CLI-2.hl7",
     ]
+
+
+def test_an_ack_in_the_senders_charset_declares_it_in_msh_18() -> None:
+    message = (
+        "MSH|^~\\&|LAB|HOSP|MC|MC|20260101120000||ORU^R01^ORU_R01|42|P|2.5|||||FRA|8859/1\r"
+        "PID|1||X^^^H^PI\r"
+    ).encode("latin-1")
+    ack = build_ack(message, "AE", "patient inconnu : Hélène")
+    msh = ack.split(b"\r")[0].split(b"|")
+    assert msh[17] == b"8859/1"
+    assert "Hélène".encode("latin-1") in ack

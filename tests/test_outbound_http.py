@@ -472,3 +472,46 @@ def _extra_plugins() -> tuple[object, ...]:
     wanted = {"http": http_plugin, "json-template": json_template_plugin}
     known = set(loaded.connectors) | set(loaded.formats)
     return tuple(module for name, module in wanted.items() if name not in known)
+
+
+async def _raw_server(answer: bytes) -> tuple[asyncio.Server, int, list[bytes]]:
+    """A bare HTTP/1.1 peer that reads one request and writes ``answer`` as is, then closes."""
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        seen.append(await reader.readexactly(length))
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], seen
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 201 Created\r\nContent-Length: 100\r\n\r\npartia",
+        b"HTTP/1.1 303 See Other\r\nLocation: /documents/42\r\nContent-Length: 0\r\n\r\n",
+    ],
+    ids=["2xx-cut-short", "303-see-other"],
+)
+def test_a_destination_that_took_the_document_is_not_sent_it_again(answer: bytes) -> None:
+    async def scenario() -> tuple[Any, list[bytes]]:
+        server, port, seen = await _raw_server(answer)
+        sender = HttpSender(HttpOptions(url=f"http://127.0.0.1:{port}/documents"))
+        try:
+            result = await sender.deliver(
+                Rendered(b'{"a": 1}', "application/json", "x.json", "01a200e4792dc23b0964")
+            )
+        finally:
+            await sender.aclose()
+            server.close()
+            await server.wait_closed()
+        return result, seen
+
+    result, seen = asyncio.run(scenario())
+    assert result.outcome is Outcome.ACCEPTED, result
+    assert seen == [b'{"a": 1}']

@@ -88,7 +88,16 @@ class RouteWorker:
         await self._process(item, claim.document)
 
     async def _process(self, item: WorkItem, document: Document) -> None:
-        problems = self._validate(document)
+        try:
+            problems = self._validate(document)
+        except Exception as exc:
+            log.error(
+                "validation crashed",
+                transaction_id=item.transaction_id,
+                route=item.route,
+                error=type(exc).__name__,
+            )
+            problems = [f"validation failed: internal error ({type(exc).__name__})"]
         if problems:
             await self.set_status(item, Status.ENTERED_IN_ERROR, "; ".join(problems))
             return
@@ -103,6 +112,22 @@ class RouteWorker:
                 rendered = self.format.render(document, self.route.format_options)
         except RenderError as exc:
             await self.set_status(item, Status.ENTERED_IN_ERROR, f"render failed: {exc}")
+            return
+        except Exception as exc:
+            # A format bug on some input must not hold the route for ever (the item would come
+            # back first, again and again): the document ends entered-in-error, the route goes
+            # on. Only the type is kept: a bug's message may quote patient data.
+            log.error(
+                "render crashed",
+                transaction_id=item.transaction_id,
+                route=item.route,
+                error=type(exc).__name__,
+            )
+            await self.set_status(
+                item,
+                Status.ENTERED_IN_ERROR,
+                f"render failed: internal error ({type(exc).__name__})",
+            )
             return
         retry = self.route.settings.retry
         attempt = 1

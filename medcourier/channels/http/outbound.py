@@ -279,7 +279,15 @@ class HttpSender:
             async with client.stream(
                 self.options.method, url, content=rendered.data, headers=headers
             ) as response:
-                body = await _read_some(response, KEPT_BODY_BYTES)
+                try:
+                    body = await _read_some(response, KEPT_BODY_BYTES)
+                except (httpx.HTTPError, OSError, ssl.SSLError) as exc:
+                    if 200 <= response.status_code <= 299:
+                        # The destination said it took the document: resending would duplicate
+                        # it, whatever happened to the rest of its answer.
+                        label = f"HTTP {response.status_code} (answer cut short: {_describe(exc)})"
+                        return DeliveryResult.accepted(label, status=response.status_code)
+                    raise
         except httpx.ConnectTimeout:
             seconds = self.options.connect_timeout
             return DeliveryResult.retry(f"{where}: could not connect within {seconds:g} s")
@@ -348,6 +356,11 @@ def _result(response: httpx.Response, body: str, retry_statuses: frozenset[int])
     detail: dict[str, Any] = {"status": status, "body": body[:DETAIL_BODY_CHARS]}
     excerpt = _excerpt(body)
     if 200 <= status <= 299:
+        return DeliveryResult.accepted(label, **detail)
+    if status == 303:
+        # "See Other" after a POST: the request was processed and the answer is elsewhere.
+        # Re-sending would duplicate the document.
+        detail["location"] = response.headers.get("Location", "")
         return DeliveryResult.accepted(label, **detail)
     if 300 <= status <= 399:
         location = response.headers.get("Location", "?")

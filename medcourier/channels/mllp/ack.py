@@ -195,6 +195,11 @@ def _ack_msh(msh: list[str], d: _Delimiters) -> str:
         _field(msh, 10) or "P",
         _field(msh, 11),
     ]
+    charset = _field(msh, 17)
+    if charset:
+        # The ACK is encoded in the sender's character set: say so, or a reason with accents
+        # would be read as ASCII (HL7's default when MSH-18 is empty).
+        fields += ["", "", "", "", "", charset]
     return d.field.join(fields)
 
 

@@ -8,6 +8,7 @@ engine relies on; the rest of the resource is kept as sent.
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -30,6 +31,19 @@ MAX_IDENTIFIER = 400
 ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 ORG_REF = re.compile(r"^Organization/[A-Za-z0-9\-.]{1,64}$")
 PATIENT_REF = re.compile(r"^Patient/([A-Za-z0-9\-.]{1,64})$")
+
+
+def _is_datetime(value: object) -> bool:
+    """A FHIR dateTime that is also a real calendar time (no 24:00, no February 30)."""
+    if not isinstance(value, str) or not DATETIME.fullmatch(value):
+        return False
+    if "T" not in value:
+        return True
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
 
 
 def _engine(request: Request) -> Engine:
@@ -129,7 +143,7 @@ def check_encounter(body: dict[str, Any]) -> tuple[str, str | None]:
             raise _bad("Encounter.period", "must be a Period")
         for key in ("start", "end"):
             value = period.get(key)
-            if value is not None and (not isinstance(value, str) or not DATETIME.fullmatch(value)):
+            if value is not None and not _is_datetime(value):
                 raise _bad(f"Encounter.period.{key}", "must be a FHIR dateTime")
     return subject.split("/", 1)[1], _reference(body, "serviceProvider", ORG_REF)
 

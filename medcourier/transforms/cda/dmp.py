@@ -34,6 +34,7 @@ from __future__ import annotations
 import binascii
 import io
 import re
+import urllib.parse
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -670,6 +671,10 @@ def _telecom(contact: Mapping[str, Any]) -> tuple[str, str | None] | None:
         value = _PHONE_NOISE.sub("", value)
         if not re.fullmatch(r"\+?\d+", value):
             return None
+    else:
+        # The CDA's TEL is a URL: an address with blanks, accents or '%' must be encoded, or the
+        # schema and the schematron refuse the whole document.
+        value = urllib.parse.quote(value, safe="@!$&'()*+,;=-._~")
     return f"{scheme}:{value}", _TELECOM_USE.get(as_str(contact.get("use")))
 
 
@@ -888,14 +893,24 @@ def _q(tag: str) -> str:
     return f"{{{HL7_NS}}}{tag}"
 
 
+# Characters XML 1.0 cannot hold: C0 controls but tab/LF/CR, lone surrogates, U+FFFE/U+FFFF.
+# Word pastes VT (0x0B) as a manual line break, so they do reach titles and addresses.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml_text(value: str) -> str:
+    """A value lxml accepts: characters XML cannot carry become a space."""
+    return _NOT_XML.sub(" ", value)
+
+
 def _el(parent: Any, tag: str, text: str | None = None, **attributes: str | None) -> Any:
     """A child element in the HL7 namespace; attributes whose value is None are left out."""
     element = etree.SubElement(parent, _q(tag))
     for name, value in attributes.items():
         if value is not None:
-            element.set(name, value)
+            element.set(name, _xml_text(value))
     if text is not None:
-        element.text = text
+        element.text = _xml_text(text)
     return element
 
 

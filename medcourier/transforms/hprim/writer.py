@@ -717,7 +717,10 @@ def _hprim_datetime(value: object, zone: ZoneInfo, opts: HprimOptions) -> str:
     year, month, day, hour, minute, second, offset = match.groups()
     if hour is None or offset is None:
         return "".join(p for p in (year, month, day, hour, minute, second) if p)
-    moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:  # matches the pattern but is no calendar time (24:00, Feb 30)
+        raise RenderError(f"{value!r} is not a valid date and time: {exc}") from exc
     return _stamp(moment, zone, opts.timestamp_precision == "second" and second is not None)
 
 
