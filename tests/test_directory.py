@@ -137,3 +137,24 @@ def test_dedupe_remembers_within_the_window(store: Store) -> None:
     assert store.seen("adt|APP|FAC", "MSG2", timedelta(hours=1)) is None
     assert store.seen("adt|OTHER|FAC", "MSG1", timedelta(hours=1)) is None
     assert store.seen("adt|APP|FAC", "MSG1", timedelta(seconds=-1)) is None
+
+
+def test_concurrent_admissions_of_one_new_patient_make_one_patient(tmp_path: Path) -> None:
+    """On PostgreSQL, writes run in parallel transactions (group commit has several writer
+    threads): the same new IPP admitted twice at once must resolve to a single patient."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = Store(fresh_postgres_url(), tmp_path)
+    store.create_schema()
+    updates = [
+        DirectoryUpdate("upsert", _patient(f"RACE-{i}", "Race"), None)
+        for i in range(20)
+        for _ in range(2)
+    ]
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda u: store.apply_directory_update(u), updates))
+        for i in range(20):
+            assert len(store.search_patients(IPP, f"RACE-{i}")) == 1
+    finally:
+        store.dispose()

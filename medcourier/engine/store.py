@@ -78,6 +78,9 @@ class Claim:
     document: Document | None
 
 
+# pg_advisory_xact_lock key serialising directory updates ("mcdir" in ASCII).
+DIRECTORY_LOCK = 0x6D63646972
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -230,6 +233,11 @@ class Store(DirectoryStore):
         nothing that exists.
         """
         overwrite = update.kind != "ensure"
+        if c.dialect.name == "postgresql":
+            # Find-then-insert by identifier races between writer threads: two admissions of
+            # the same new patient would create it twice. One transaction-scoped lock makes
+            # directory updates take turns (SQLite has a single writer already).
+            c.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": DIRECTORY_LOCK})
         patient = self.upsert_patient(c, update.patient, update.organization, overwrite)
         encounter_id = None
         if update.encounter is not None:
