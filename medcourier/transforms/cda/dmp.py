@@ -31,7 +31,6 @@ output keeps a 50 MB PDF from being copied through libxml2 as a 67 MB text node 
 
 from __future__ import annotations
 
-import binascii
 import io
 import re
 import urllib.parse
@@ -59,6 +58,7 @@ from medcourier.transforms.cda.xds import (
     xds_metadata,
 )
 from medcourier.transforms.fhir_json import as_dict, as_dicts, as_str, as_strs
+from medcourier.transforms.payload import splice_base64
 
 FORMAT_NAME = "cda-dmp"
 # The XDS mimeType of a CDA document; "application/hl7-cda+xml" is not a registered type.
@@ -122,9 +122,6 @@ _FHIR_DATETIME = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?(Z|[+-]\d{2}:\d{2})"
 )
 _PHONE_NOISE = re.compile(r"[\s.()\-]")
-
-# Base64 is written in slices of this many input bytes (a multiple of 3, so slices join).
-_B64_CHUNK = 3 * 1024 * 1024
 
 
 def _oid(value: str) -> str:
@@ -416,17 +413,6 @@ def _check_replacement(replacement: Replacement) -> None:
         raise RenderError(f"the replaced document root {replacement.root!r} is not an OID")
     if replacement.version_number < 1:
         raise RenderError("the replaced document's versionNumber must be 1 or more")
-
-
-def splice_base64(head: bytes, payload: bytes, tail: bytes) -> bytes:
-    """``head + base64(payload) + tail`` without ever holding the whole Base64 text apart."""
-    out = io.BytesIO()
-    out.write(head)
-    view = memoryview(payload)
-    for start in range(0, len(payload), _B64_CHUNK):
-        out.write(binascii.b2a_base64(view[start : start + _B64_CHUNK], newline=False))
-    out.write(tail)
-    return out.getvalue()
 
 
 def _body_payload(document: Document, media_type: str) -> bytes:

@@ -20,7 +20,6 @@ does not, since its alphabet holds no HL7 delimiter and it may weigh tens of meg
 
 from __future__ import annotations
 
-import base64
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -33,6 +32,7 @@ from medcourier.engine.model import Document, Issue, Rendered
 from medcourier.engine.plugins import FormatType, hookimpl
 from medcourier.transforms.fhir_json import as_dict, as_dicts, as_str, as_strs, first_of
 from medcourier.transforms.hl7v2.escape import escape
+from medcourier.transforms.payload import splice_base64
 
 FORMAT_NAME = "hl7v2-oru"
 MEDIA_TYPE = "application/hl7-v2"
@@ -273,13 +273,7 @@ def render(document: Document, options: OruOptions | None = None) -> Rendered:
     if not (msh.isascii() and body.isascii() and obx_tail.isascii()):
         msh += "||||||UNICODE UTF-8"
 
-    data = b"".join(
-        (
-            f"{msh}\r{body}".encode(),
-            base64.b64encode(document.payload),
-            f"{obx_tail}\r".encode(),
-        )
-    )
+    data = splice_base64(f"{msh}\r{body}".encode(), document.payload, f"{obx_tail}\r".encode())
     return Rendered(
         data=data,
         media_type=MEDIA_TYPE,

@@ -62,7 +62,6 @@ from medcourier.transforms.cda.dmp import (
     Replacement,
     patient_identity,
     render_cda,
-    splice_base64,
 )
 from medcourier.transforms.cda.dmp import validate as validate_cda
 from medcourier.transforms.cda.xds import XdsMetadata, xds_metadata
@@ -76,6 +75,7 @@ from medcourier.transforms.hl7v2.oru import (
     pid_segment,
     pv1_segment,
 )
+from medcourier.transforms.payload import splice_base64
 
 FORMAT_NAME = "hl7v2-ans-cda"
 

@@ -43,10 +43,12 @@ import codecs
 import hashlib
 import re
 import unicodedata
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
+from itertools import accumulate
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -588,13 +590,21 @@ class _FieldWriter:
 
 
 class _Splitter:
-    """Cuts a record into physical lines of at most ``max_line`` characters, the first as is,
-    the others prefixed ``A|`` (the reader appends them back without separator).
+    """Cuts a record into physical lines of at most ``max_line`` bytes in the file's codec, the
+    first as is, the others prefixed ``A|`` (the reader appends them back without separator).
+
+    The limit is in encoded bytes (readers have fixed byte buffers): in UTF-8 an accented
+    letter takes two of them; in the single-byte codecs bytes and characters are the same.
 
     A cut must not leave a line ending in a delimiter or a blank, nor fall inside an escape:
     with sequences every escape character opens or closes one, so a cut is inside a sequence
     when an odd number of them precede it; with prefix escapes, when the run of escape
-    characters just before it is odd.
+    characters just before it is odd. A cut near the limit is looked for first; failing that,
+    anywhere on the line (so a long run of blanks starts the next ``A|`` line instead of ending
+    this one); then one after a delimiter. A run of blanks longer than a whole line cannot fit
+    on one: with sequences the blank ending the line is written ``\\X20\\`` (its bytes in the
+    codec), which every sequences reader decodes back; with prefix or replace escapes there is
+    no such escape and that line ends in a blank, unavoidably.
     """
 
     _WINDOW = 64
@@ -604,9 +614,13 @@ class _Splitter:
         self.first = opts.max_line - terminator
         self.next = self.first - 2
         self.style = opts.escape_style
+        self.codec = codecs.lookup(opts.encoding).name
+        self.wide = self.codec not in ("iso8859-1", "latin-1", "cp1252")
 
     def __call__(self, record: str) -> list[str]:
-        if len(record) <= self.first:
+        # ends[i]: the bytes record[:i] takes once encoded (None: one byte per character).
+        ends = self._ends(record)
+        if (len(record) if ends is None else ends[-1]) <= self.first:
             return [record]
         # The H record's H-2 holds a literal escape character: never count it.
         protect = 6 if record.startswith("H|") else 0
@@ -614,18 +628,40 @@ class _Splitter:
         start = 0
         parity = 0
         while True:
+            lead = "" if not lines else _CONTINUATION
             room = self.first if not lines else self.next
-            if len(record) - start <= room:
-                lines.append(record[start:] if not lines else _CONTINUATION + record[start:])
+            high = self._reach(ends, start, room, len(record))
+            if high >= len(record):
+                lines.append(lead + record[start:])
                 return lines
-            cut = self._cut(record, start, start + room, parity, protect)
-            lines.append(record[start:cut] if not lines else _CONTINUATION + record[start:cut])
+            cut = self._cut(record, start, high, parity, protect)
+            if record[cut - 1].isspace() and self.style == "sequences":
+                escaped = self._escape_blank(record, ends, start, room, parity, protect)
+                if escaped is not None:
+                    blank, text = escaped
+                    lines.append(lead + record[start:blank] + text)
+                    parity = (parity + _count(record, "\\", max(start, protect), blank)) % 2
+                    start = blank + 1
+                    continue
+            lines.append(lead + record[start:cut])
             parity = (parity + _count(record, "\\", max(start, protect), max(cut, protect))) % 2
             start = cut
 
+    def _ends(self, record: str) -> list[int] | None:
+        if not self.wide or record.isascii():
+            return None
+        return list(accumulate((_width(ch, self.codec) for ch in record), initial=0))
+
+    @staticmethod
+    def _reach(ends: list[int] | None, start: int, room: int, size: int) -> int:
+        """The furthest end of a line from ``start`` that takes at most ``room`` bytes."""
+        if ends is None:
+            return min(start + room, size)
+        return bisect_right(ends, ends[start] + room, lo=start) - 1
+
     def _cut(self, record: str, start: int, high: int, parity: int, protect: int) -> int:
-        for level in (0, 1, 2):
-            low = max(start + 1, high - self._WINDOW) if level < 2 else start + 1
+        for level in (0, 1, 2, 3):
+            low = max(start + 1, high - self._WINDOW) if level == 0 else start + 1
             for cut in range(high, low - 1, -1):
                 if self._allowed(record, start, cut, parity, protect, level):
                     return cut
@@ -646,7 +682,37 @@ class _Splitter:
                 return False
         if level < 2 and last in _DELIMITER_CHARS and last != "\\":
             return False
-        return not (level == 0 and last.isspace())
+        return not (level < 3 and last.isspace())
+
+    def _escape_blank(
+        self,
+        record: str,
+        ends: list[int] | None,
+        start: int,
+        room: int,
+        parity: int,
+        protect: int,
+    ) -> tuple[int, str] | None:
+        """Where a line made only of blanks (and delimiters) can end on an escaped blank: the
+        blank's index and its ``\\Xhh\\`` sequence, the line then fitting ``room``."""
+        for blank in range(self._reach(ends, start, room, len(record)) - 1, start - 1, -1):
+            ch = record[blank]
+            if not ch.isspace() or blank < protect:
+                continue
+            text = "\\X" + ch.encode(self.codec, errors="replace").hex().upper() + "\\"
+            used = blank - start if ends is None else ends[blank] - ends[start]
+            if used + len(text) <= room and self._allowed(record, start, blank, parity, protect, 3):
+                return blank, text
+        return None
+
+
+@lru_cache(maxsize=4096)
+def _width(ch: str, codec: str) -> int:
+    """The bytes ``ch`` takes in ``codec`` (a character it cannot encode is written "?")."""
+    try:
+        return len(ch.encode(codec))
+    except UnicodeEncodeError:
+        return 1
 
 
 def _count(text: str, ch: str, start: int, end: int) -> int:
