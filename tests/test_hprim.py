@@ -104,8 +104,8 @@ def assert_well_formed(data: bytes, opts: HprimOptions) -> list[str]:
     """The rules every file must follow, whatever the options."""
     lines = physical_lines(data, opts.line_ending, opts.encoding)
     terminator = len(opts.line_ending) if opts.max_line_includes_terminator else 0
-    for line in lines:
-        assert len(line) + terminator <= opts.max_line, line
+    for line in lines:  # the limit is in bytes: readers have fixed byte buffers
+        assert len(line.encode(opts.encoding)) + terminator <= opts.max_line, line
         assert not line.endswith(("|", "~", "^", "&")), f"trailing empty field: {line!r}"
         assert not line[-1].isspace(), line
         assert "\r" not in line and "\n" not in line
@@ -280,6 +280,43 @@ def test_cuts_never_split_an_escape_sequence_nor_follow_a_delimiter() -> None:
         assert parse_hprim(data).patients[0].requests[0].text == text
 
 
+def test_utf8_limit_counts_bytes_not_characters() -> None:
+    text = "é" * 600  # two bytes each in UTF-8
+    for includes_terminator in (True, False):
+        opts = options(
+            document_mode="text",
+            encoding="utf-8",
+            max_line_includes_terminator=includes_terminator,
+        )
+        data = render(text_document(text), opts).data
+        lines = assert_well_formed(data, opts)
+        terminator = 2 if includes_terminator else 0
+        sizes = [len(raw) + terminator for raw in data.split(b"\r\n")[:-1]]
+        assert max(sizes) <= 220 and max(sizes) >= 219, sizes
+        assert sum(line.startswith("A|") for line in lines) >= 5
+        assert parse_hprim(data, encoding="utf-8").patients[0].requests[0].text == text
+
+
+def test_a_run_of_blanks_never_ends_a_line() -> None:
+    aligned = "Hemoglobine" + " " * 250 + "13.5 g/dL"  # longer than a whole line
+    shorter = "Hemoglobine" + " " * 180 + "13.5 g/dL"  # longer than the search window only
+    for text in (aligned, shorter, aligned + "\n" + "x" * 300 + " " * 100 + "y"):
+        for encoding in ("iso-8859-1", "utf-8"):
+            opts = options(document_mode="text", encoding=encoding)
+            data = render(text_document(text), opts).data
+            lines = assert_well_formed(data, opts)
+            assert not any(line.endswith(" ") for line in lines)
+            message = parse_hprim(data, encoding=encoding)
+            assert message.patients[0].requests[0].text == text
+    # A run that fits on a line starts the next one: no escape needed.
+    data = render(text_document(shorter), options(document_mode="text")).data
+    assert b"\\X20\\" not in data
+    assert b"Hemoglobine\r\nA|" + b" " * 180 + b"13.5 g/dL" in data
+    # Longer than a line, the blank ending it is escaped (sequences only).
+    data = render(text_document(aligned), options(document_mode="text")).data
+    assert data.count(b"\\X20\\") == 1
+
+
 def test_seeded_random_texts_round_trip_under_every_option() -> None:
     rnd = random.Random(20240314)
     alphabet = "ab |~^\\&é€’\t" + "xyz" * 3
@@ -302,7 +339,7 @@ def test_seeded_random_texts_round_trip_under_every_option() -> None:
         data = render(text_document(text), opts).data
         terminator = len(opts.line_ending) if opts.max_line_includes_terminator else 0
         for line in physical_lines(data, opts.line_ending, encoding):
-            assert len(line) + terminator <= opts.max_line
+            assert len(line.encode(encoding)) + terminator <= opts.max_line
             if line.endswith(("|", "~", "^", "&")):  # only an escaped one, ending a value
                 assert style == "prefix" and line[-2] == "\\", line
         expected = text if encoding != "iso-8859-1" else text.replace("€", "EUR").replace("’", "'")
