@@ -4,6 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests import cda_judge
 from tests.harness import LoopThread
 
 
@@ -12,3 +13,9 @@ def lt() -> Iterator[LoopThread]:
     loop_thread = LoopThread()
     yield loop_thread
     loop_thread.close()
+
+
+@pytest.fixture(scope="session")
+def judge() -> cda_judge.Judge:
+    """The CI-SIS CDA judge, in this process (see tests/cda_judge.py)."""
+    return cda_judge.in_process()

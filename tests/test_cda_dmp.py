@@ -13,12 +13,10 @@ the birth name, ``patient-birthPlace`` with the INSEE code in ``fr-core-address-
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pydantic
@@ -41,9 +39,7 @@ from medcourier.transforms.cda.dmp import (
     validate,
 )
 from medcourier.transforms.cda.xds import XdsOptions, xds_metadata
-
-JUDGE_DIR = Path(__file__).resolve().parents[2] / "shared" / "validators" / "cda"
-REFERENCE = JUDGE_DIR / "examples" / "DOC_NON_STRUCTURE_CDA-R2-N1.xml"
+from tests.cda_judge import REFERENCE
 
 V3 = "urn:hl7-org:v3"
 NS = {"v3": V3}
@@ -58,22 +54,6 @@ CREATED = datetime(2024, 5, 1, 10, 30, 15, tzinfo=timezone(timedelta(hours=2)))
 
 
 # --- the judge -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def judge() -> Callable[[bytes], list[str]]:
-    script = JUDGE_DIR / "cda_check.py"
-    if not script.is_file():
-        pytest.fail(
-            f"the CDA judge is missing: expected {script} (the CI-SIS XSD + StrucMin schematron "
-            "checker shared beside the repository); CDA output cannot be trusted without it"
-        )
-    spec = importlib.util.spec_from_file_location("cda_check", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    check: Callable[[bytes], list[str]] = module.check
-    return check
 
 
 @pytest.fixture()

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from medcourier.transforms.hprim.reader import parse_hprim
+from tests import cda_judge
 from tests.harness import eventually, free_port, pdf_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,7 +168,7 @@ def test_demo_hprim_writes_hprim_with_its_pdf_and_ok(demo: Demo) -> None:
 
 
 def test_demo_ans_sends_the_cda_in_an_oru_that_passes_the_ci_sis_checks(demo: Demo) -> None:
-    judge = _judge()
+    judge = cda_judge.in_subprocess()
     example = json.loads((ROOT / "config/examples/document-ins.json").read_text())
     payload = pdf_bytes(3000)
     with demo.client() as c:
@@ -183,24 +184,3 @@ def test_demo_ans_sends_the_cda_in_an_oru_that_passes_the_ci_sis_checks(demo: De
     cda = base64.b64decode(obx[5].split("^")[4])
     assert judge(cda) == []
     assert base64.b64encode(payload) in cda
-
-
-def _judge() -> Any:
-    """The CI-SIS judge, run in its own process: its Saxon runtime (a GraalVM native image)
-    installs process-wide handlers that later tests' subprocess signals can trip (exit 99)."""
-    script = ROOT.parent / "shared" / "validators" / "cda" / "cda_check.py"
-    if not script.is_file():
-        pytest.fail(f"the CI-SIS CDA judge is missing: expected {script}")
-
-    def check(cda: bytes) -> list[str]:
-        import tempfile
-
-        with tempfile.NamedTemporaryFile(suffix=".xml") as f:
-            f.write(cda)
-            f.flush()
-            done = subprocess.run(
-                [sys.executable, str(script), f.name], capture_output=True, text=True, timeout=120
-            )
-        return [] if done.returncode == 0 else [done.stdout + done.stderr]
-
-    return check

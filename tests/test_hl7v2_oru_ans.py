@@ -19,11 +19,9 @@ from __future__ import annotations
 import base64
 import importlib.metadata
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pydantic
@@ -49,7 +47,6 @@ from medcourier.transforms.hl7v2.oru_ans import (
     validate,
 )
 
-JUDGE_DIR = Path(__file__).resolve().parents[2] / "shared" / "validators" / "cda"
 V3 = {"v3": "urn:hl7-org:v3"}
 SAFE_PARSER = etree.XMLParser(resolve_entities=False, no_network=True)
 
@@ -64,23 +61,6 @@ FLAGS = META_ORDER[:10]  # the ten Y/N metadata, before the two optional mail bo
 
 
 # --- the CDA judge ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def judge() -> Callable[[bytes], list[str]]:
-    script = JUDGE_DIR / "cda_check.py"
-    if not script.is_file():
-        pytest.fail(
-            f"the CDA judge is missing: expected {script} (CI-SIS XSD + StrucMin schematron, "
-            "shared beside the repository); an embedded CDA cannot be trusted without it"
-        )
-    sys.path.insert(0, str(JUDGE_DIR))
-    try:
-        from cda_check import check  # type: ignore[import-not-found]
-    finally:
-        sys.path.remove(str(JUDGE_DIR))
-    judge_check: Callable[[bytes], list[str]] = check
-    return judge_check
 
 
 # --- inputs ----------------------------------------------------------------------------------
