@@ -143,6 +143,7 @@ class EngineSink:
         try:
             patient = await self._patient(document)
             encounter = await self._encounter(document, patient)
+            self._check(document)
             txid = await self._submit(document, patient, encounter, dedupe)
         except InboundError as exc:
             return InboundResult(Verdict.ERROR, exc.text, exc.location)
@@ -208,9 +209,9 @@ class EngineSink:
         encounter: dict[str, Any] | None,
         dedupe: tuple[str, str] | None,
     ) -> str:
+        """Submit a document the caller has already passed through ``_check``."""
         from medcourier.engine.service import NoRouteError, SubmitRequest
 
-        self._check(doc)
         request = SubmitRequest(
             patient_id=patient["id"],
             encounter_id=encounter["id"] if encounter else None,
