@@ -545,7 +545,7 @@ class AsyncStore:
         self._writes = _GroupCommit(store.engine, writers)
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run a read (or a rare self-contained write) on the reader pool."""
+        """Run a read on the reader pool (writes go through ``write``, the single writer path)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
 
