@@ -545,7 +545,7 @@ class AsyncStore:
         self._writes = _GroupCommit(store.engine, writers)
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run a read on the reader pool (writes go through ``write``, the single writer path)."""
+        """Run a read (or the start-up schema creation) on the reader pool; writes use ``write``."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
 
