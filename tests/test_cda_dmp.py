@@ -414,7 +414,11 @@ def test_replacement_of_a_later_version(
 
 
 def test_each_missing_ins_trait_is_named(options: CdaDmpOptions) -> None:
-    bare = {"resourceType": "Patient", "name": [{"family": "DUPONT", "given": ["JEAN"]}]}
+    # A used name only: the birth name (official, or the name without use) is missing.
+    bare = {
+        "resourceType": "Patient",
+        "name": [{"use": "usual", "family": "DUPONT", "given": ["JEAN"]}],
+    }
     issues = validate(make_document(patient=bare, sender_identifier=None), options)
     messages = {issue.location: issue.message for issue in issues}
     assert set(messages) == {
@@ -443,6 +447,36 @@ def test_each_missing_ins_trait_is_named(options: CdaDmpOptions) -> None:
         render_cda(make_document(patient=bare), options)
 
 
+def test_a_name_without_use_is_the_birth_name(options: CdaDmpOptions) -> None:
+    """The seed's Patient has one name and no ``use``: it is the official name."""
+    patient = fr_core_patient()
+    patient["name"] = [{"family": "MARTIN", "given": ["ALICE", "JEANNE"]}]
+    identity = patient_identity(patient)
+    assert (identity.birth_family, identity.first_given) == ("MARTIN", "ALICE")
+    assert identity.given_list == "ALICE JEANNE"
+    assert validate(make_document(patient=patient), options) == []
+
+
+def test_the_seed_nir_identifier_is_read_as_the_ins_nir() -> None:
+    patient = fr_core_patient()
+    patient["identifier"] = [
+        {
+            "use": "usual",
+            "type": {
+                "coding": [
+                    {
+                        "system": "http://lifen.fr/fhir/ValueSet/patient-identifier-type",
+                        "code": "NIR-OD",
+                    }
+                ]
+            },
+            "system": "http://lifen.fr/fhir/Identifier/patient-nir-od",
+            "value": INS_NIR,
+        }
+    ]
+    assert patient_identity(patient).ins == ("1.2.250.1.213.1.4.8", INS_NIR)
+
+
 def test_a_single_missing_trait_is_the_only_issue(options: CdaDmpOptions) -> None:
     patient = fr_core_patient()
     patient["extension"] = []
@@ -463,6 +497,9 @@ def test_invalid_values_are_reported(options: CdaDmpOptions) -> None:
         "sender_identifier",
     }
     assert any("is not a valid NIR" in i.message for i in issues)
+    # reasons are stored and shown in tracking: the patient's values are named, not quoted
+    text = " ".join(i.message for i in issues)
+    assert INS_NIR[:-2] not in text and "12/06/1984" not in text and "Paris" not in text
 
 
 def test_document_type_outside_j07_is_refused(options: CdaDmpOptions) -> None:

@@ -43,10 +43,12 @@ from typing import Any
 from lxml import etree
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from stdnum.fr import nir, siret
+from stdnum.fr import siret
 
 from medcourier.engine.errors import RenderError
 from medcourier.engine.model import Document, Issue, Rendered
+from medcourier.engine.nir import INS_OIDS, ins_authority, nir_problem
+from medcourier.engine.nir import compact as compact_nir
 from medcourier.engine.plugins import FormatType, hookimpl
 from medcourier.transforms.cda.xds import (
     PNG_MEDIA_TYPE,
@@ -72,14 +74,6 @@ TEMPLATE_IDS = (
     "1.3.6.1.4.1.19376.1.2.20",  # IHE XDS-SD (scanned / non-structured document)
 )
 
-# INS authorities, in order of preference when a patient carries several: INS-NIR, INS-NIA,
-# then the test NIR and NIA the ANS reserves for integration platforms.
-INS_OIDS = (
-    "1.2.250.1.213.1.4.8",
-    "1.2.250.1.213.1.4.9",
-    "1.2.250.1.213.1.4.10",
-    "1.2.250.1.213.1.4.11",
-)
 RPPS_ROOT = "1.2.250.1.71.4.2.1"  # identifiant national des personnes physiques
 RPPS_PREFIX = "8"  # TRE_G08-TypeIdentifiantPersonne: 8 = RPPS
 STRUCTURE_ROOT = "1.2.250.1.71.4.2.2"  # identifiant national de structure
@@ -519,32 +513,39 @@ def patient_identity(patient: Mapping[str, Any]) -> PatientIdentity:
         if identifier.get("use") == "old":
             continue
         system = as_str(identifier.get("system"))
-        value = re.sub(r"\s", "", as_str(identifier.get("value")))
-        if not system.startswith("urn:oid:") or not value:
+        value = compact_nir(as_str(identifier.get("value")))
+        if not value:
             continue
-        oid = system[len("urn:oid:") :]
-        if oid in INS_OIDS:
-            if not nir.is_valid(value):
+        authority = ins_authority(identifier)
+        if authority is not None:
+            if nir_problem(value) is not None:
                 invalid_ins.append(value)
-            elif identity.ins is None or INS_OIDS.index(oid) < INS_OIDS.index(identity.ins[0]):
-                identity.ins = (oid, value)
-        elif _OID.fullmatch(oid):
-            identity.local_ids.append((oid, value))
+            elif identity.ins is None or INS_OIDS.index(authority) < INS_OIDS.index(
+                identity.ins[0]
+            ):
+                identity.ins = (authority, value.upper())
+        elif system.startswith("urn:oid:") and _OID.fullmatch(system[len("urn:oid:") :]):
+            identity.local_ids.append((system[len("urn:oid:") :], value))
     if identity.ins is None:
         if invalid_ins:
             message = (
-                f"the patient's INS {invalid_ins[0]!r} is not a valid NIR (15 characters "
-                "ending with its key)"
+                # The value is not quoted: reasons are stored and shown in tracking.
+                "the patient's INS is not a valid NIR (15 characters ending with its key)"
             )
         else:
             message = (
                 "the patient's INS is missing: an identifier with system "
-                "urn:oid:1.2.250.1.213.1.4.8 (INS-NIR) or .9 (INS-NIA) is required by the DMP"
+                "urn:oid:1.2.250.1.213.1.4.8 (INS-NIR) or .9 (INS-NIA), or the NIR identifier "
+                "http://lifen.fr/fhir/Identifier/patient-nir-od, is required by the DMP"
             )
         problems.append(Issue(message, location="Patient.identifier"))
 
     names = list(as_dicts(patient.get("name")))
-    official = next((n for n in names if n.get("use") == "official"), None)
+    # A name without ``use`` is the default name (the seed's Patient has only that one): it is
+    # read as the official (birth) name when the patient has no name marked official.
+    official = next((n for n in names if n.get("use") == "official"), None) or next(
+        (n for n in names if not n.get("use")), None
+    )
     usual = next((n for n in names if n.get("use") == "usual"), None)
     if official is not None:
         identity.birth_family = as_str(official.get("family")).strip() or None
@@ -591,7 +592,7 @@ def patient_identity(patient: Mapping[str, Any]) -> PatientIdentity:
     birth_date = patient.get("birthDate")
     identity.birth_time = _cda_date(birth_date)
     if identity.birth_time is None:
-        what = "missing" if birth_date is None else f"not a date ({birth_date!r})"
+        what = "missing" if birth_date is None else "not a FHIR date (YYYY-MM-DD)"
         problems.append(Issue(f"the patient's birth date is {what}", location="Patient.birthDate"))
 
     code, city = _birth_place(patient)
@@ -599,7 +600,7 @@ def patient_identity(patient: Mapping[str, Any]) -> PatientIdentity:
     if code is not None and _INSEE.fullmatch(code):
         identity.birth_place_code = code
     else:
-        detail = "missing" if code is None else f"not an INSEE code ({code!r})"
+        detail = "missing" if code is None else "not an INSEE code (5 characters)"
         problems.append(
             Issue(
                 f"the patient's birth place is {detail}: the patient-birthPlace extension must "
