@@ -20,6 +20,7 @@ import httpx
 import yaml
 
 from medcourier.channels.mllp.simulator import EhrSimulator
+from medcourier.engine.api import auth
 from medcourier.engine.config import parse_config
 from medcourier.engine.plugins import load_plugins
 from medcourier.engine.service import Engine
@@ -27,7 +28,7 @@ from medcourier.engine.service import Engine
 T = TypeVar("T")
 TOKEN = "test-token-0123456789abcdef"
 LIMITED_TOKEN = "limited-token-0123456789abcdef"
-ALL_SCOPES = ["SEND_TO_EHR", "PATIENT_CREATE", "PATIENT_READ", "ENCOUNTER_CREATE", "ENCOUNTER_READ"]
+ALL_SCOPES = list(auth.ALL_SCOPES)
 
 # A small but real PDF (one empty page), padded to the size a test asks for with a comment.
 _PDF_HEAD = (
@@ -74,17 +75,22 @@ def engine_config(
     ack_timeout: float = 5,
     fallback: bool = True,
     inbound: list[dict[str, Any]] | None = None,
+    ehr_device: str | None = None,
+    tokens: list[dict[str, Any]] | None = None,
+    quorum_queues: bool = False,
 ) -> str:
     cfg: dict[str, Any] = {
         "instance": instance,
         "data_dir": str(data_dir),
         "broker": broker or "",
         "store": store or "",
+        "quorum_queues": quorum_queues,
         "log_level": "warning",
         "http": {"host": "127.0.0.1", "port": 0},
         "tokens": [
             {"name": "test-app", "token": TOKEN, "scopes": ALL_SCOPES},
             {"name": "reader", "token": LIMITED_TOKEN, "scopes": ["PATIENT_READ"]},
+            *(tokens or []),
         ],
         "limits": {"max_document_bytes": max_document_bytes},
         "inbound": inbound or [],
@@ -102,6 +108,7 @@ def engine_config(
                     "connect_timeout": 2,
                 },
                 "retry": retry or {"max_attempts": 3, "initial_delay": 0.2, "max_delay": 1},
+                **({"device": {"id": ehr_device, "name": "EHR A"}} if ehr_device else {}),
             },
             *(extra_routes or []),
         ],

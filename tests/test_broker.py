@@ -28,6 +28,7 @@ from kombu import Connection, Producer, Queue
 from medcourier.engine.broker import (
     Broker,
     WorkItem,
+    dead_letter_queue_name,
     exchange_name,
     open_broker,
     queue_name,
@@ -142,6 +143,7 @@ def delete_amqp(used: set[tuple[str, str]]) -> None:
         channel = connection.channel()
         for instance, route in sorted(used):
             channel.queue_delete(queue_name(instance, route))
+            channel.queue_delete(dead_letter_queue_name(instance, route))
         for instance in sorted({instance for instance, _ in used}):
             channel.exchange_delete(exchange_name(instance))
     finally:
@@ -691,13 +693,44 @@ def test_amqp_quorum_flag_declares_quorum_queues() -> None:
             # Re-declaring with the other type is refused: proves the queue really is quorum.
             with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="x-queue-type"):
                 channel.queue_declare(
-                    queue_name(instance, "lab"), durable=True, arguments={"x-queue-type": "classic"}
+                    queue_name(instance, "lab"),
+                    durable=True,
+                    arguments={"x-queue-type": "classic", "x-single-active-consumer": True},
                 )
         finally:
             if connection.is_open:
                 connection.close()
     finally:
         delete_amqp({(instance, "lab")})
+
+
+def test_amqp_fifo_queues_have_a_single_active_consumer_and_parallel_ones_do_not() -> None:
+    instance = new_instance()
+    broker = AmqpBroker(rabbitmq_url(), instance)
+
+    async def scenario() -> None:
+        await broker.start(["lab", "api"], parallel=["api"])
+
+    def redeclare(route: str, arguments: dict[str, object]) -> None:
+        connection = pika.BlockingConnection(admin_parameters())
+        try:
+            connection.channel().queue_declare(
+                queue_name(instance, route), durable=True, arguments=arguments
+            )
+        finally:
+            if connection.is_open:
+                connection.close()
+
+    try:
+        run(closing(broker, scenario))
+        redeclare("lab", {"x-single-active-consumer": True})  # same arguments: accepted
+        redeclare("api", {})
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="single-active"):
+            redeclare("lab", {})
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="single-active"):
+            redeclare("api", {"x-single-active-consumer": True})
+    finally:
+        delete_amqp({(instance, "lab"), (instance, "api")})
 
 
 # --------------------------------------------------------------------------- embedded only

@@ -22,6 +22,13 @@ def _parser(plugins: Plugins) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the engine with a config file")
     run.add_argument("--config", "-c", required=True, help="YAML configuration file")
+    run.add_argument(
+        "--role",
+        choices=("all", "api", "listener", "worker"),
+        default="all",
+        help="what this process runs (several processes share one RabbitMQ and PostgreSQL): "
+        "api = the HTTP API, listener = inbound channels, worker = route workers; default all",
+    )
     check = sub.add_parser("check", help="validate a config file and exit (non-zero if invalid)")
     check.add_argument("config", help="YAML configuration file")
     render = sub.add_parser(
@@ -33,20 +40,34 @@ def _parser(plugins: Plugins) -> argparse.ArgumentParser:
         "--input", "-i", required=True, help="document JSON (see config/examples/document.json)"
     )
     render.add_argument("--out", "-o", help="write the rendering to this file instead of stdout")
+    prune = sub.add_parser("prune", help="prune what retention allows now; show the store size")
+    prune.add_argument("--config", "-c", required=True, help="YAML configuration file")
+    prune.add_argument("--dry-run", action="store_true", help="count only, delete nothing")
+    prune.add_argument(
+        "--vacuum", action="store_true", help="then VACUUM (SQLite: stop the engine first)"
+    )
+    from medcourier.engine import admin_cli  # replay, cancel, pause, resume
+
+    admin_cli.add_parsers(sub)
     for command in plugins.commands.values():
         command.add_arguments(sub.add_parser(command.name, help=command.help))
     return parser
 
 
-async def _run(config_path: str, plugins: Plugins) -> int:
+async def _run(config_path: str, plugins: Plugins, role: str = "all") -> int:
     from medcourier.engine.service import Engine
 
     config = load_config(config_path, plugins)
     mclog.configure(config.settings.log_level)
     engine = Engine(config, plugins)
-    await engine.start()
+    try:
+        await engine.start(role=role)
+    except ValueError as exc:
+        print(f"medcourier: {exc}", file=sys.stderr)
+        return 2
+    api = f"FHIR API on {engine.base_url}/fhir, " if role in ("all", "api") else ""
     print(
-        f"medcourier {__version__}: FHIR API on {engine.base_url}/fhir, "
+        f"medcourier {__version__} ({role}): {api}"
         f"{len(config.routes)} route(s), data in {config.settings.data_dir}",
         file=sys.stderr,
         flush=True,
@@ -71,11 +92,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.config}: OK ({len(config.routes)} route(s))")
             return 0
         if args.command == "run":
-            return asyncio.run(_run(args.config, plugins))
+            return asyncio.run(_run(args.config, plugins, args.role))
         if args.command == "render":
             from medcourier.engine.render_cli import render_command
 
             return render_command(args, plugins)
+        if args.command == "prune":
+            from medcourier.engine.prune_cli import prune_command
+
+            mclog.configure("warning")
+            return prune_command(args, plugins)
+        if args.command in ("replay", "cancel", "pause", "resume"):
+            from medcourier.engine import admin_cli
+
+            mclog.configure("warning")
+            return admin_cli.run(args, plugins)
         mclog.configure("info")
         result = plugins.commands[args.command].run(args)
         if inspect.isawaitable(result):

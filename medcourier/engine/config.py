@@ -10,13 +10,21 @@ plugin's own options model for ``format_options`` and ``deliver``.
 from __future__ import annotations
 
 import os
+import random
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medcourier.engine.errors import ConfigError
 from medcourier.engine.plugins import Plugins
@@ -56,16 +64,69 @@ class LimitSettings(_Strict):
 
 
 class RetrySettings(_Strict):
-    """A simple bounded retry for transient delivery failures (the route is held meanwhile)."""
+    """Retries of transient delivery failures: exponential backoff with jitter, capped.
+
+    On a FIFO route the failing document holds its route while it waits (the next one must not
+    overtake it); on a parallel route it waits in a delay queue and the others go on. After
+    ``max_attempts`` it goes to the route's dead-letter queue and ends entered-in-error.
+    """
 
     max_attempts: int = Field(10, ge=1)
     initial_delay: float = Field(1.0, gt=0)
-    max_delay: float = Field(60.0, gt=0)
+    max_delay: float = Field(60.0, gt=0, description="The longest wait between two attempts")
     multiplier: float = Field(2.0, ge=1)
+    jitter: float = Field(
+        0.2, ge=0, le=1, description="Each wait is drawn within ±jitter of the backoff"
+    )
 
-    def delay(self, attempt: int) -> float:
-        """Wait before the attempt after ``attempt`` (1-based)."""
-        return float(min(self.max_delay, self.initial_delay * self.multiplier ** (attempt - 1)))
+    def delay(self, attempt: int, draw: float | None = None) -> float:
+        """Wait before the attempt after ``attempt`` (1-based).
+
+        ``draw`` in [0, 1) places the wait in the jitter band (random when None): engines that
+        lost the same EHR do not all come back at the same instant.
+        """
+        try:
+            base = min(self.max_delay, self.initial_delay * self.multiplier ** (attempt - 1))
+        except OverflowError:  # thousands of attempts: long past the cap
+            base = self.max_delay
+        u = random.random() if draw is None else draw
+        return float(min(self.max_delay, base * (1 + self.jitter * (2 * u - 1))))
+
+
+class RetentionSettings(_Strict):
+    """How long a document is kept once every delivery of it is final (see engine/retention.py).
+
+    The payload goes after ``payload_days``; the metadata that tracking reads (the document row,
+    its deliveries and status history) after ``metadata_days``. A route's ``retention`` overrides
+    the top-level one key by key.
+    """
+
+    payload_days: float = Field(31, gt=0, description="Days a final document keeps its payload")
+    metadata_days: float = Field(
+        62, gt=0, description="Days a final document stays trackable (the seed: two months)"
+    )
+
+    @model_validator(mode="after")
+    def _payload_goes_first(self) -> RetentionSettings:
+        if self.payload_days > self.metadata_days:
+            raise ValueError(
+                f"payload_days ({self.payload_days:g}) is more than metadata_days "
+                f"({self.metadata_days:g}): a document must stay trackable at least as long as "
+                "its payload is kept"
+            )
+        return self
+
+
+class PruningSettings(_Strict):
+    """The background pruner: one pass every interval, in small batches with pauses between."""
+
+    enabled: bool = True
+    interval_seconds: float = Field(300, gt=0)
+    batch_size: int = Field(500, ge=1, le=5000, description="Documents looked at per batch")
+    batch_bytes: int = Field(
+        4 * 1024 * 1024, gt=0, description="A batch also stops once its payloads add up to this"
+    )
+    pause_seconds: float = Field(0.05, ge=0, description="Pause between batches")
 
 
 class MatchSettings(_Strict):
@@ -84,14 +145,50 @@ class MatchSettings(_Strict):
         return value
 
 
+class DeviceSettings(_Strict):
+    """The FHIR Device that names this route as a recipient (seed 001: ``recipient: Device/…``).
+
+    A CommunicationRequest addressed to ``Device/<id>`` is delivered by the route that declares
+    it; the DMP is one such Device, an EHR route can be another.
+    """
+
+    id: str = Field(
+        pattern=r"^[A-Za-z0-9\-.]{1,40}$",
+        description="the Device's FHIR id (at most 40 characters: Communication ids add 21)",
+    )
+    name: str | None = Field(None, description="shown as the Device's type text")
+
+
 class RouteSettings(_Strict):
     name: str
-    match: MatchSettings
+    match: MatchSettings = Field(default_factory=MatchSettings)
+    device: DeviceSettings | None = None
     format: str
     format_options: dict[str, Any] = Field(default_factory=dict)
     deliver: dict[str, Any]
     retry: RetrySettings = Field(default_factory=RetrySettings)
+    ordering: Literal["fifo", "parallel"] = Field(
+        "fifo",
+        description="fifo: one delivery in flight, in order (HL7 interfaces); parallel: "
+        "up to `concurrency` at once, for destinations that allow it",
+    )
+    concurrency: int = Field(1, ge=1, le=64, description="Deliveries in flight (parallel only)")
     validate_options: dict[str, Any] = Field(default_factory=dict, alias="validate")
+    retention: RetentionSettings | None = Field(
+        None, description="Overrides the top-level retention, key by key"
+    )
+    keep_renderings: bool = Field(
+        False, description="Store each rendering sent, so a replay can resend it byte for byte"
+    )
+
+    @model_validator(mode="after")
+    def _concurrency_needs_parallel(self) -> RouteSettings:
+        if self.concurrency > 1 and self.ordering == "fifo":
+            raise ValueError(
+                "concurrency above 1 needs ordering: parallel (a FIFO route has one delivery "
+                "in flight, so that the order is kept)"
+            )
+        return self
 
     @field_validator("name")
     @classmethod
@@ -105,6 +202,9 @@ class Settings(_Strict):
     instance: str = Field("medcourier", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     data_dir: Path = Path("./var")
     broker: str | None = Field(None, description="amqp://… for RabbitMQ; empty for embedded")
+    quorum_queues: bool = Field(
+        False, description="RabbitMQ: declare replicated quorum queues (for a cluster)"
+    )
     store: str | None = Field(None, description="postgresql://… ; empty for SQLite in data_dir")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     http: HttpSettings = Field(default_factory=HttpSettings)
@@ -117,6 +217,25 @@ class Settings(_Strict):
     duplicate_window_hours: float = Field(
         24, gt=0, description="A message resent within this window is ACKed, not processed"
     )
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    pruning: PruningSettings = Field(default_factory=PruningSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _route_retention_inherits(cls, data: Any) -> Any:
+        """Keys a route's ``retention`` leaves out come from the top-level ``retention``."""
+        if not isinstance(data, dict):
+            return data
+        top, routes = data.get("retention") or {}, data.get("routes")
+        if not isinstance(top, dict) or not isinstance(routes, list):
+            return data
+        merged = [
+            {**r, "retention": {**top, **r["retention"]}}
+            if isinstance(r, dict) and isinstance(r.get("retention"), dict)
+            else r
+            for r in routes
+        ]
+        return {**data, "routes": merged}
 
     @field_validator("broker", "store")
     @classmethod
@@ -160,6 +279,10 @@ class Config:
         self.routes = routes
         self.source = source
         self.inbound = inbound or []
+
+    def device_routes(self) -> dict[str, Route]:
+        """Device id -> the route that delivers what is addressed to it."""
+        return {r.settings.device.id: r for r in self.routes if r.settings.device is not None}
 
 
 def interpolate(value: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
@@ -233,6 +356,7 @@ def parse_config(
 
     routes: list[Route] = []
     seen: set[str] = set()
+    devices: set[str] = set()
     for i, rs in enumerate(settings.routes):
         where = f"routes[{i}]"
         if rs.name in seen:
@@ -265,8 +389,15 @@ def parse_config(
                 )
             except ValidationError as exc:
                 problems.extend(_errors(exc, f"{where}.deliver"))
-        if not rs.match.organizations and not rs.match.fallback:
-            problems.append(f"{where}.match: give organizations, or fallback: true")
+        if not rs.match.organizations and not rs.match.fallback and rs.device is None:
+            problems.append(
+                f"{where}.match: give organizations, or fallback: true (or a device, for a "
+                "route reached only by CommunicationRequests addressed to it)"
+            )
+        if rs.device is not None:
+            if rs.device.id in devices:
+                problems.append(f"{where}.device.id: Device/{rs.device.id} is already declared")
+            devices.add(rs.device.id)
         routes.append(Route(rs, format_options, deliver_options))
     if sum(1 for r in settings.routes if r.match.fallback) > 1:
         problems.append("routes: at most one route may have match.fallback: true")

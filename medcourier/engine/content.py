@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+from stdnum import luhn
 
 # The four content types of the seed's $send-to-ehr; every door accepts the same ones.
 CONTENT_TYPES = ("application/pdf", "image/jpeg", "image/png", "application/txt")
+
+
+_LOINC = re.compile(r"^(\d{1,7})-(\d)$")
+
+
+def is_loinc(code: str) -> bool:
+    """A LOINC code: digits, a dash and the Luhn (mod 10) check digit, like 11488-4."""
+    m = _LOINC.fullmatch(code)
+    return m is not None and luhn.is_valid(m.group(1) + m.group(2))
 
 
 def sniff(data: bytes) -> str | None:

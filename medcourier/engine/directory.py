@@ -40,8 +40,18 @@ def identifiers_of(resource: dict[str, Any]) -> list[tuple[str, str]]:
     return found
 
 
-def _meta(version: int) -> dict[str, str]:
-    return {"versionId": str(version), "lastUpdated": now().isoformat(timespec="milliseconds")}
+def server_meta(version: int, sent: object = None) -> dict[str, Any]:
+    """The server's meta, keeping what the sender put there (tags, profiles, security)."""
+    kept = (
+        {k: v for k, v in sent.items() if k not in ("versionId", "lastUpdated")}
+        if isinstance(sent, dict)
+        else {}
+    )
+    return {
+        **kept,
+        "versionId": str(version),
+        "lastUpdated": now().isoformat(timespec="milliseconds"),
+    }
 
 
 class DirectoryStore:
@@ -151,7 +161,7 @@ class DirectoryStore:
             if (str(i.get("system") or ""), i.get("value")) not in set(identifiers_of(resource))
         ]
         merged["identifier"] = list(resource.get("identifier") or []) + extra
-        merged["meta"] = _meta(int(old.get("meta", {}).get("versionId", "1")) + 1)
+        merged["meta"] = server_meta(int(old.get("meta", {}).get("versionId", "1")) + 1)
         c.execute(
             patients.update()
             .where(patients.c.id == row.id)
@@ -191,7 +201,7 @@ class DirectoryStore:
         merged = {**old, **resource, "id": eid}
         if "period" in old or "period" in resource:
             merged["period"] = {**old.get("period", {}), **resource.get("period", {})}
-        merged["meta"] = _meta(int(old.get("meta", {}).get("versionId", "1")) + 1)
+        merged["meta"] = server_meta(int(old.get("meta", {}).get("versionId", "1")) + 1)
         c.execute(
             encounters.update()
             .where(encounters.c.id == eid)
@@ -265,7 +275,7 @@ class DirectoryStore:
 def _insert_patient(
     c: Connection, resource: dict[str, Any], organization: str | None
 ) -> dict[str, Any]:
-    out = {**resource, "id": uuid.uuid4().hex, "meta": _meta(1)}
+    out = {**resource, "id": uuid.uuid4().hex, "meta": server_meta(1, resource.get("meta"))}
     c.execute(
         patients.insert().values(
             id=out["id"], organization=organization, resource=json.dumps(out), updated_at=now()
@@ -280,7 +290,7 @@ def _insert_patient(
 def _insert_encounter(
     c: Connection, resource: dict[str, Any], patient_id: str, organization: str | None
 ) -> dict[str, Any]:
-    out = {**resource, "id": uuid.uuid4().hex, "meta": _meta(1)}
+    out = {**resource, "id": uuid.uuid4().hex, "meta": server_meta(1, resource.get("meta"))}
     c.execute(
         encounters.insert().values(
             id=out["id"],

@@ -24,7 +24,13 @@ hookimpl = pluggy.HookimplMarker("medcourier")
 
 
 class Sender(Protocol):
-    """A live outbound link for one route (keeps its connection between messages)."""
+    """A live outbound link for one route (keeps its connection between messages).
+
+    A Sender may also offer ``async def precheck(self, document: Document) -> DeliveryResult``:
+    the worker calls it after validation and before rendering, for destinations with a
+    precondition of their own (the DMP must be open for the patient). Accepted goes on, rejected
+    ends the delivery with the reason, retry is retried with the route's policy.
+    """
 
     async def deliver(self, rendered: Rendered) -> DeliveryResult: ...
 

@@ -50,6 +50,8 @@ documents = sa.Table(
     sa.Column("patient_id", sa.String(64), nullable=False, index=True),
     sa.Column("encounter_id", sa.String(64)),
     sa.Column("payload_size", sa.BigInteger, nullable=False),
+    # Retention scans documents oldest first, a bounded window at a time (engine/retention.py).
+    sa.Index("ix_documents_created_at", "created_at", "transaction_id"),
 )
 
 # Payloads apart from metadata: they are pruned sooner and are never read by tracking.
@@ -70,6 +72,8 @@ deliveries = sa.Table(
     sa.Column("sent_at", sa.DateTime(timezone=True)),
     sa.Column("reason", sa.Text),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    # Set by a replay (engine/admin.py): "resend" the stored rendering, or "rerender".
+    sa.Column("replay_mode", sa.String(10)),
     sa.Index("ix_deliveries_status", "status"),
 )
 
@@ -101,4 +105,60 @@ inbound_log = sa.Table(
     sa.Column("message_id", sa.String(400), primary_key=True),
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False, index=True),
     sa.Column("transaction_ids", sa.Text, nullable=False, default=""),
+)
+
+# FHIR resources the engine keeps as sent (seed 001's flow: Practitioner, Organization,
+# DocumentReference, CommunicationRequest). A CommunicationRequest carries the transaction id of
+# the document it created, so its Communications are found from either side.
+resources = sa.Table(
+    "resources",
+    metadata,
+    sa.Column("type", sa.String(40), primary_key=True),
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("resource", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("transaction_id", sa.String(20), index=True),
+)
+
+# Binary contents apart from their metadata, as payloads are.
+binaries = sa.Table(
+    "binaries",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("content_type", sa.String(100), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+# The last rendering sent to a route, kept when the route says ``keep_renderings: true``, so a
+# replay can resend exactly those bytes (engine/admin.py). It goes with the payload: retention
+# deleting the payload deletes it too (ON DELETE CASCADE).
+renderings = sa.Table(
+    "renderings",
+    metadata,
+    sa.Column(
+        "transaction_id",
+        sa.String(20),
+        sa.ForeignKey("payloads.transaction_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("route", sa.String(63), primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.Column("media_type", sa.String(100), nullable=False),
+    sa.Column("filename_hint", sa.Text, nullable=False),
+    sa.Column("message_id", sa.String(200), nullable=False),
+    # JSON object: companion file name -> base64 of its bytes ({} for none).
+    sa.Column("companions", sa.Text, nullable=False, default="{}"),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Paused routes (engine/control.py): every engine sharing the store holds a paused route's queue.
+route_state = sa.Table(
+    "route_state",
+    metadata,
+    sa.Column("route", sa.String(63), primary_key=True),
+    sa.Column("paused", sa.Boolean, nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("changed_by", sa.String(200)),
 )

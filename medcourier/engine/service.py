@@ -12,19 +12,23 @@ import contextlib
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy.exc
 import structlog
 import uvicorn
+from sqlalchemy.engine import Connection
 
 from medcourier.engine.broker import Broker, WorkItem, open_broker
 from medcourier.engine.clock import now
 from medcourier.engine.config import Config
+from medcourier.engine.control import RouteControl
 from medcourier.engine.errors import BrokerError
 from medcourier.engine.inbound import InboundChannel
 from medcourier.engine.inbound_sink import EngineSink
 from medcourier.engine.model import Status
 from medcourier.engine.plugins import Plugins
+from medcourier.engine.retention import Pruner
 from medcourier.engine.router import Router
 from medcourier.engine.store import AsyncStore, Store
 from medcourier.engine.txid import new_transaction_id
@@ -40,6 +44,11 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+
+ROLES = ("all", "api", "listener", "worker")
+# How long an unfinished delivery must have been left alone before start-up queues it again.
+ORPHAN_AFTER = timedelta(minutes=5)
 
 
 class NoRouteError(Exception):
@@ -61,8 +70,12 @@ class SubmitRequest:
     # resend is recognised; remembered only after the queue confirm, because a crash between
     # the commit and the confirm must let the resend through (a duplicate, never a loss).
     dedupe: tuple[str, str] | None = None
-    # An inbound channel configured with ``routes`` sends its documents to exactly those.
+    # An inbound channel configured with ``routes`` sends its documents to exactly those, and so
+    # does a CommunicationRequest addressed to the Devices of routes.
     only_routes: tuple[str, ...] = ()
+    # Written in the transaction that accepts the document, with its transaction id: what must
+    # exist exactly when the document does (the CommunicationRequest that asked for it).
+    also: Callable[[Connection, str], object] | None = None
 
 
 class Engine:
@@ -72,36 +85,63 @@ class Engine:
         s = config.settings
         self.data_dir = s.data_dir
         self.store = AsyncStore(Store(s.store, s.data_dir))
-        self.broker: Broker = open_broker(s.broker or "", s.instance, s.data_dir)
+        self.broker: Broker = open_broker(
+            s.broker or "", s.instance, s.data_dir, quorum=s.quorum_queues
+        )
         # RabbitMQ hands unacknowledged items back after a crash; the embedded queue does not.
         self.embedded = not (s.broker or "").startswith(("amqp://", "amqps://"))
         self.router = Router(config.routes)
         self.workers: dict[str, RouteWorker] = {}
         self.base_url = s.http.base_url()
         self.inbound: list[InboundChannel] = []
+        self.pruner = Pruner(self.store, config)
+        self.control = RouteControl(self.store)  # pause / resume, shared through the store
         self._server: uvicorn.Server | None = None
         self._server_task: asyncio.Task[None] | None = None
 
     def tracking_url(self, txid: str) -> str:
         return f"{self.base_url}/fhir/CommunicationRequest/$tracking?transaction-id={txid}"
 
-    async def start(self, *, http: bool = True) -> None:
+    async def start(self, *, http: bool = True, role: str = "all") -> None:
+        """Start what ``role`` runs: ``all``; ``api`` (the HTTP API); ``listener`` (inbound
+        channels); ``worker`` (route workers and pruning). Several processes with different
+        roles share one RabbitMQ and one PostgreSQL; the embedded queue allows only ``all``."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
+        if role != "all" and self.embedded:
+            raise ValueError(
+                f"--role {role} needs RabbitMQ (broker: amqp://…) and PostgreSQL: the embedded "
+                "queue and SQLite store belong to one engine process"
+            )
+        self.role = role
         self.data_dir.mkdir(parents=True, exist_ok=True)
         await self.store.run(self.store.sync.create_schema)
         names = [r.name for r in self.config.routes]
-        await self.broker.start(names)
-        if self.embedded:
-            await self._rebuild_queues()
-        for route in self.config.routes:
-            worker = RouteWorker(route, self.plugins, self.store)
-            self.workers[route.name] = worker
-            await self.broker.consume(route.name, worker.handle)
-        await self._start_inbound()
-        # HTTP last: once /health answers, every listener and folder is up as well.
-        if http:
+        parallel = [r.name for r in self.config.routes if r.settings.ordering == "parallel"]
+        await self.broker.start(names, parallel)
+        if role in ("all", "worker"):
+            if self.embedded:
+                await self._rebuild_queues()
+            else:
+                await self._requeue_orphans()
+            for route in self.config.routes:
+                worker = RouteWorker(route, self.plugins, self.store, self.broker, self.control)
+                self.workers[route.name] = worker
+                await self.broker.consume(
+                    route.name, worker.handle, prefetch=route.settings.concurrency
+                )
+        if role in ("all", "listener"):
+            await self._start_inbound()
+        # HTTP last: once /health answers, every listener and folder is up as well. A worker
+        # or listener process serves /health only when asked to (http=True with its role).
+        if http and role in ("all", "api"):
             await self._start_http()
+        if role in ("all", "worker"):
+            # Retention: background batches (engine/retention.py), once everything else is up.
+            self.pruner.start()
         log.info(
             "engine started",
+            role=role,
             routes=names,
             instance=self.config.settings.instance,
             broker="embedded" if self.embedded else "amqp",
@@ -119,6 +159,33 @@ class Engine:
                 await self.broker.publish(WorkItem(txid, route))
         if pending:
             log.info("work recovered from the store", count=len(pending))
+
+    async def _requeue_orphans(self) -> None:
+        """Queue again what a crash may have left with no queue item (RabbitMQ).
+
+        A document is committed before its item is confirmed, so a crash in between leaves a
+        delivery in ``preparation`` with nothing queued; a crash between a failed attempt and
+        its delay-queue publish does the same to one in progress. Anything unfinished and
+        untouched for longer than any retry wait (``orphan_after``) is queued again at start-up.
+        If its item was only slow (a long backlog), the copy is dropped when it comes up: the
+        claim sees the final status.
+        """
+        cutoff = now() - self.orphan_after()
+        routes = {r.name for r in self.config.routes}
+        stale = await self.store.write(self.store.sync.tx_take_orphans, cutoff)
+        count = 0
+        for txid, route in stale:
+            if route in routes:
+                await self.broker.publish(WorkItem(txid, route))
+                count += 1
+        if count:
+            log.info("unfinished work queued again", count=count)
+
+    def orphan_after(self) -> timedelta:
+        """Longer than any delivery is left untouched while alive: a FIFO route touches its
+        delivery at each failed attempt, a parked retry waits at most ``max_delay``."""
+        longest = max((r.settings.retry.max_delay for r in self.config.routes), default=0.0)
+        return max(ORPHAN_AFTER, timedelta(seconds=2 * longest + 60))
 
     async def _start_inbound(self) -> None:
         """Listeners and folders start after the workers, which take the work they hand on."""
@@ -157,17 +224,26 @@ class Engine:
         return int(self._server.servers[0].sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
+        await self.pruner.stop()
         # Inbound first: nothing new is accepted while the rest shuts down.
         for channel in reversed(self.inbound):
             await channel.stop()
         if self._server is not None and self._server_task is not None:
             self._server.should_exit = True
             await self._server_task
+        self.control.close()  # workers held by a paused route give their items back
         await self.broker.close()
         for worker in self.workers.values():
             await worker.aclose()
         await asyncio.to_thread(self.store.close)
         log.info("engine stopped")
+
+    def _accept(
+        self, c: Connection, also: Callable[[Connection, str], object] | None, /, **document: Any
+    ) -> None:
+        self.store.sync.tx_accept_document(c, **document)
+        if also is not None:
+            also(c, document["transaction_id"])
 
     async def submit(self, req: SubmitRequest, default_title: Callable[[str], str]) -> str:
         """Store a document, queue one work item per matching route, return its transaction id."""
@@ -186,7 +262,8 @@ class Engine:
             txid = new_transaction_id()
             try:
                 await self.store.write(
-                    self.store.sync.tx_accept_document,
+                    self._accept,
+                    req.also,
                     transaction_id=txid,
                     created_at=created,
                     content_type=req.content_type,

@@ -32,6 +32,7 @@ from medcourier.engine.directory import (
 )
 from medcourier.engine.inbound import DirectoryUpdate
 from medcourier.engine.model import Document, Status
+from medcourier.engine.resources import ResourceStore
 from medcourier.engine.schema import (
     deliveries,
     documents,
@@ -76,16 +77,21 @@ class Claim:
 
     previous: Status
     document: Document | None
+    # Set by a replay (``admin.RESEND`` / ``admin.RERENDER``): read here, in the claim, so the
+    # common case (no replay) costs no extra query.
+    replay_mode: str | None = None
 
 
 # pg_advisory_xact_lock key serialising directory updates ("mcdir" in ASCII).
 DIRECTORY_LOCK = 0x6D63646972
+# pg_try_advisory_xact_lock key of the start-up orphan sweep ("mcorph").
+ORPHAN_LOCK = 0x6D636F727068
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class Store(DirectoryStore):
+class Store(DirectoryStore, ResourceStore):
     """Synchronous access to the schema; see ``AsyncStore`` for use from the event loop."""
 
     def __init__(self, url: str | None, data_dir: Path) -> None:
@@ -265,7 +271,7 @@ class Store(DirectoryStore):
         delivery is already final (a redelivered queue item), so the caller just acknowledges it.
         """
         row = c.execute(
-            sa.select(deliveries.c.status).where(
+            sa.select(deliveries.c.status, deliveries.c.replay_mode).where(
                 deliveries.c.transaction_id == transaction_id, deliveries.c.route == route
             )
         ).first()
@@ -294,7 +300,7 @@ class Store(DirectoryStore):
                     reason=None,
                 )
             )
-        return Claim(previous, self._document(c, transaction_id))
+        return Claim(previous, self._document(c, transaction_id), row[1])
 
     def _document(self, c: Connection, transaction_id: str) -> Document:
         doc = c.execute(
@@ -378,14 +384,50 @@ class Store(DirectoryStore):
                 (r.route, Status(r.status), _aware(r.at) or now(), r.reason) for r in c.execute(q)
             ]
 
-    def unfinished(self) -> list[tuple[str, str]]:
-        """Deliveries not in a final state, oldest first: what start-up recovery re-enqueues."""
+    def tx_take_orphans(self, c: Connection, untouched_since: datetime) -> list[tuple[str, str]]:
+        """Unfinished deliveries untouched since then, marked touched now, to be queued again.
+
+        On PostgreSQL one engine at a time does this (a transaction-scoped advisory lock; the
+        others find nothing), and the touch keeps the next engine starting from taking them
+        too, so workers starting together do not queue the same orphan twice.
+        """
+        if not self.is_sqlite:
+            locked = c.execute(sa.select(sa.func.pg_try_advisory_xact_lock(ORPHAN_LOCK)))
+            if not locked.scalar():
+                return []
+        found = [
+            (r[0], r[1])
+            for r in c.execute(
+                sa.select(deliveries.c.transaction_id, deliveries.c.route)
+                .where(
+                    deliveries.c.status.in_([Status.PREPARATION.value, Status.IN_PROGRESS.value]),
+                    deliveries.c.status_at < untouched_since,
+                )
+                .order_by(deliveries.c.status_at)
+            )
+        ]
+        at = now()
+        for txid, route in found:
+            c.execute(
+                deliveries.update()
+                .where(deliveries.c.transaction_id == txid, deliveries.c.route == route)
+                .values(status_at=at)
+            )
+        return found
+
+    def unfinished(self, untouched_since: datetime | None = None) -> list[tuple[str, str]]:
+        """Deliveries not in a final state, oldest first: what start-up recovery re-enqueues.
+
+        ``untouched_since``: only those whose status has not changed since then.
+        """
         q = (
             sa.select(deliveries.c.transaction_id, deliveries.c.route)
             .join(documents, documents.c.transaction_id == deliveries.c.transaction_id)
             .where(deliveries.c.status.in_([Status.PREPARATION.value, Status.IN_PROGRESS.value]))
             .order_by(documents.c.created_at, documents.c.transaction_id)
         )
+        if untouched_since is not None:
+            q = q.where(deliveries.c.status_at < untouched_since)
         with self.engine.connect() as c:
             return [(r[0], r[1]) for r in c.execute(q)]
 
@@ -393,6 +435,11 @@ class Store(DirectoryStore):
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     _sqlite_connect_autocommit(dbapi_connection)
     cur = dbapi_connection.cursor()
+    # Pruned space goes back to the file system (engine/retention.py). A new database takes it
+    # only here, before journal_mode=WAL; on an existing one the pragma would wait for the write
+    # lock, so it is set only while the file is empty (page_count 0).
+    if cur.execute("PRAGMA page_count").fetchone()[0] == 0:
+        cur.execute("PRAGMA auto_vacuum=INCREMENTAL")
     cur.execute("PRAGMA journal_mode=WAL")
     # FULL: a commit is on disk before the sender is answered, power loss included.
     cur.execute("PRAGMA synchronous=FULL")

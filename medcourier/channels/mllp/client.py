@@ -18,7 +18,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medcourier.channels.mllp.ack import AckInfo, AckParseError, parse_ack
-from medcourier.channels.mllp.framing import FramingError, frame, read_frame, stream_limit
+from medcourier.channels.mllp.framing import (
+    END_BLOCK,
+    END_SEQUENCE,
+    START_BLOCK,
+    FramingError,
+    read_frame,
+    stream_limit,
+)
 from medcourier.engine.model import DeliveryResult, Rendered
 
 MAX_ACK_SIZE = 1024 * 1024
@@ -119,11 +126,12 @@ class MllpSender:
             await self._drop()
 
     async def _exchange(self, rendered: Rendered) -> DeliveryResult:
-        try:
-            framed = frame(rendered.data)
-        except FramingError as exc:
+        data = rendered.data
+        if START_BLOCK in data or END_BLOCK in data:
             # The rendering itself is unsendable: retrying the same bytes cannot help.
-            return DeliveryResult.rejected(f"cannot send over MLLP: {exc}")
+            return DeliveryResult.rejected(
+                "cannot send over MLLP: message contains an MLLP block character (0x0b or 0x1c)"
+            )
         try:
             reader, writer = await self._connection()
         except (OSError, TimeoutError) as exc:
@@ -131,8 +139,7 @@ class MllpSender:
         try:
             # The timeout covers the write too: a peer that stops reading blocks drain().
             async with asyncio.timeout(self.options.ack_timeout):
-                writer.write(framed)
-                await writer.drain()
+                await _write_frame(writer, data)
                 answer = await read_frame(reader, MAX_ACK_SIZE)
             ack = parse_ack(answer)
         except TimeoutError:
@@ -191,3 +198,24 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     return str(exc) or type(exc).__name__
+
+
+# Above this size a message is written in slices of it, each drained before the next, instead of
+# framed in one piece: framing copies the message, and a socket that does not take it at once
+# copies the rest into the transport's buffer (Python 3.11), which for a 50 MB document would be
+# two more copies of it in memory.
+WRITE_SLICE = 1024 * 1024
+
+
+async def _write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
+    if len(data) <= WRITE_SLICE:
+        writer.write(START_BLOCK + data + END_SEQUENCE)  # one send for the usual small message
+        await writer.drain()
+        return
+    view = memoryview(data)
+    writer.write(START_BLOCK)
+    for start in range(0, len(view), WRITE_SLICE):
+        writer.write(view[start : start + WRITE_SLICE])
+        await writer.drain()
+    writer.write(END_SEQUENCE)
+    await writer.drain()

@@ -9,7 +9,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medcourier import __version__
-from medcourier.engine.api import directory, send_to_ehr
+from medcourier.engine.api import admin, communication, directory, resources, send_to_ehr
 from medcourier.engine.api.auth import TokenTable
 from medcourier.engine.api.fhir import (
     FhirError,
@@ -48,6 +48,9 @@ def create_app(engine: Engine) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.include_router(send_to_ehr.router)
     app.include_router(directory.router)
+    app.include_router(resources.router)
+    app.include_router(communication.router)
+    app.include_router(admin.router)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

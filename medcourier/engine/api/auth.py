@@ -17,7 +17,9 @@ from fastapi import Request
 from medcourier.engine.api.fhir import FhirError
 from medcourier.engine.config import TokenSettings
 
-# The technical scopes the seed says SEND_TO_EHR gives.
+# The technical scopes the seed says SEND_TO_EHR gives; and what a create scope of seed 001 lets
+# its holder read back (whoever may send a CommunicationRequest may follow its outcome and see
+# the Devices it may address).
 IMPLIED = {
     "SEND_TO_EHR": frozenset(
         {
@@ -26,7 +28,12 @@ IMPLIED = {
             "COMMUNICATIONREQUEST_CREATE",
             "DOCUMENTREFERENCE_CREATE",
         }
-    )
+    ),
+    "COMMUNICATIONREQUEST_CREATE": frozenset(
+        {"COMMUNICATIONREQUEST_READ", "COMMUNICATION_READ", "DEVICE_READ"}
+    ),
+    "DOCUMENTREFERENCE_CREATE": frozenset({"DOCUMENTREFERENCE_READ"}),
+    "BINARY_CREATE": frozenset({"BINARY_READ"}),
 }
 
 ALL_SCOPES = (
@@ -35,7 +42,19 @@ ALL_SCOPES = (
     "PATIENT_READ",
     "ENCOUNTER_CREATE",
     "ENCOUNTER_READ",
-    *sorted(IMPLIED["SEND_TO_EHR"]),
+    "PRACTITIONER_CREATE",
+    "PRACTITIONER_READ",
+    "ORGANIZATION_CREATE",
+    "ORGANIZATION_READ",
+    "BINARY_CREATE",
+    "BINARY_READ",
+    "DOCUMENTREFERENCE_CREATE",
+    "DOCUMENTREFERENCE_READ",
+    "COMMUNICATIONREQUEST_CREATE",
+    "COMMUNICATIONREQUEST_READ",
+    "COMMUNICATION_READ",
+    "DEVICE_READ",
+    "ADMIN",  # replay, cancel, pause and resume (/admin/...)
 )
 
 
@@ -60,9 +79,13 @@ class TokenTable:
 
 
 def _expand(scopes: list[str]) -> frozenset[str]:
-    out = set(scopes)
-    for scope in scopes:
-        out |= IMPLIED.get(scope, frozenset())
+    out: set[str] = set()
+    todo = list(scopes)
+    while todo:  # implied scopes imply in turn (SEND_TO_EHR -> BINARY_CREATE -> BINARY_READ)
+        scope = todo.pop()
+        if scope not in out:
+            out.add(scope)
+            todo.extend(IMPLIED.get(scope, frozenset()))
     return frozenset(out)
 
 

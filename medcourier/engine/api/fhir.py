@@ -36,6 +36,44 @@ class FhirError(Exception):
         self.headers = headers
 
 
+def bad_field(field: str, why: str, status: int = 400) -> FhirError:
+    """An error about one field of the request, named as a FHIRPath expression."""
+    return FhirError(status, f"{field}: {why}", code="invalid", expression=field)
+
+
+def list_field(parent: Any, key: str, field: str) -> list[Any]:
+    """``parent[key]`` as a list (empty when absent), or a 400 naming ``field``."""
+    value = parent.get(key) if isinstance(parent, dict) else None
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise bad_field(field, "must be a list")
+    return value
+
+
+def dict_field(parent: Any, key: str, field: str) -> dict[str, Any]:
+    """``parent[key]`` as an object (empty when absent), or a 400 naming ``field``."""
+    value = parent.get(key) if isinstance(parent, dict) else None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad_field(field, "must be an object")
+    return value
+
+
+def code_of(parent: Any, key: str) -> str | None:
+    """A code-valued field as a string, or None when absent or of another JSON type (which the
+    caller's membership test then refuses by name, instead of failing on an unhashable list)."""
+    value = parent.get(key) if isinstance(parent, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def expect_type(body: Any, resource_type: str) -> dict[str, Any]:
+    if not isinstance(body, dict) or body.get("resourceType") != resource_type:
+        raise FhirError(400, f"The body must be a FHIR {resource_type} resource", code="structure")
+    return body
+
+
 def operation_outcome(
     diagnostics: str, code: str = "processing", expression: str | None = None
 ) -> dict[str, Any]:
@@ -59,8 +97,8 @@ async def fhir_error_handler(_request: Request, exc: Exception) -> Response:
     )
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """Read the body within ``limit`` bytes and parse it as JSON, or answer 413 / 400.
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the body within ``limit`` bytes, or answer 413.
 
     The body is read in chunks and the read stops at the limit, so a client cannot make the
     engine buffer more than ``limit`` bytes by lying about (or omitting) Content-Length.
@@ -81,13 +119,20 @@ async def read_json(request: Request, limit: int) -> Any:
                 code="too-costly",
             )
         chunks.append(chunk)
-    body = b"".join(chunks)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """Read the body within ``limit`` bytes and parse it as JSON, or answer 413 / 400."""
+    body = await read_body(request, limit)
     if not body:
         raise FhirError(
             400, "The request body is empty: a FHIR JSON resource is expected", code="structure"
         )
     try:
         return json.loads(body)
+    except RecursionError as exc:
+        raise FhirError(400, "The request body nests JSON too deeply", code="structure") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise FhirError(
             400, f"The request body is not valid JSON: {exc}", code="structure"

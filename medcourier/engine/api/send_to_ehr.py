@@ -14,11 +14,16 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from stdnum import luhn
 
 from medcourier.engine.api.auth import Principal, require
 from medcourier.engine.api.fhir import FhirError, fhir_response, read_json
-from medcourier.engine.content import CONTENT_TYPES, default_title, organizations, sniff
+from medcourier.engine.content import (
+    CONTENT_TYPES,
+    default_title,
+    is_loinc,
+    organizations,
+    sniff,
+)
 from medcourier.engine.errors import BrokerError
 from medcourier.engine.model import Status
 from medcourier.engine.service import Engine, NoRouteError, SubmitRequest
@@ -40,7 +45,6 @@ PARAMETERS = {
 }
 REFERENCE = re.compile(r"^(Patient|Encounter)/([A-Za-z0-9\-.]{1,64})$")
 RPPS = re.compile(r"^\d{11}$")
-LOINC = re.compile(r"^(\d{1,7})-(\d)$")
 MAX_TITLE = 1000
 # Title and base64 overhead on top of the document limit, for the raw body limit.
 BODY_OVERHEAD = 64 * 1024
@@ -144,8 +148,7 @@ def check(params: dict[str, Any], limit: int) -> _Checked:
             code="not-supported",
         )
     document_type = params.get("document-type", DEFAULT_DOCUMENT_TYPE)
-    m = LOINC.fullmatch(document_type)
-    if m is None or not luhn.is_valid(m.group(1) + m.group(2)):
+    if not is_loinc(document_type):
         raise FhirError(
             422,
             f"Parameter 'document-type': {document_type!r} is not a LOINC code "

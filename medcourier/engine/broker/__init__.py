@@ -17,7 +17,7 @@ runs) share one broker without taking each other's work.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -48,17 +48,24 @@ Handler = Callable[[WorkItem], Awaitable[None]]
 class Broker(Protocol):
     """What the engine needs of a queue.
 
-    Consumption contract: ``handler`` returning normally acknowledges the item; raising puts it back
-    on its queue (redelivered later). One item of a route is in flight at a time (FIFO per route).
+    Consumption contract: ``handler`` returning normally acknowledges the item; raising retries
+    it in place (the item keeps its place). A FIFO route has one item in flight at a time, and
+    one consuming process at a time across engines; a parallel route up to ``prefetch``.
     """
 
-    async def start(self, routes: list[str]) -> None:
-        """Connect and declare the durable queues of ``routes``."""
+    async def start(self, routes: list[str], parallel: Collection[str] = ()) -> None:
+        """Connect and declare the durable queues of ``routes`` (``parallel``: not FIFO)."""
 
     async def publish(self, item: WorkItem) -> None:
         """Return once the item is durably queued (confirmed); raise BrokerError otherwise."""
 
-    async def consume(self, route: str, handler: Handler) -> None:
+    async def publish_later(self, item: WorkItem, delay: float) -> None:
+        """Queue ``item`` on its route after ``delay`` seconds (a retry's wait)."""
+
+    async def dead_letter(self, item: WorkItem, reason: str) -> None:
+        """Put ``item`` on its route's dead-letter queue, for an operator to look at."""
+
+    async def consume(self, route: str, handler: Handler, prefetch: int = 1) -> None:
         """Start delivering the route's items to ``handler`` (returns once the consumer runs)."""
 
     async def purge(self, route: str) -> int:
@@ -72,11 +79,29 @@ def queue_name(instance: str, route: str) -> str:
     return f"{instance}.route.{route}"
 
 
+def dead_letter_queue_name(instance: str, route: str) -> str:
+    return f"{queue_name(instance, route)}.dead"
+
+
+def delay_bucket_ms(delay: float) -> int:
+    """The delay queue a wait goes to: waits are grouped in bands a quarter wide (in ms).
+
+    RabbitMQ expires messages only at the head of a queue, so a short wait queued behind a long
+    one would wait for it: grouping waits of nearly the same length bounds that to the band's
+    width, with a few queues per route.
+    """
+    ms = max(1, int(delay * 1000))
+    bucket = 1
+    while bucket * 1.25 <= ms:
+        bucket = max(bucket + 1, int(bucket * 1.25))
+    return bucket
+
+
 def exchange_name(instance: str) -> str:
     return f"{instance}.routes"
 
 
-def open_broker(url: str, instance: str, data_dir: Path) -> Broker:
+def open_broker(url: str, instance: str, data_dir: Path, *, quorum: bool = False) -> Broker:
     """Build the broker a configured URL names (not started yet: call ``start``).
 
     - ``amqp://…`` / ``amqps://…`` → RabbitMQ (``AmqpBroker``); ``//`` or ``/%2F`` name vhost ``/``.
@@ -92,7 +117,7 @@ def open_broker(url: str, instance: str, data_dir: Path) -> Broker:
     if scheme in ("amqp", "amqps"):
         from medcourier.engine.broker.amqp import AmqpBroker
 
-        return AmqpBroker(spec, instance)
+        return AmqpBroker(spec, instance, quorum=quorum)
     if scheme in ("", "embedded", "sqlite"):
         from medcourier.engine.broker.embedded import EmbeddedBroker
 

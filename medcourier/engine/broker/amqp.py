@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import partial
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -42,7 +42,14 @@ from pika.adapters.asyncio_connection import AsyncioConnection
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
-from medcourier.engine.broker import Handler, WorkItem, exchange_name, queue_name
+from medcourier.engine.broker import (
+    Handler,
+    WorkItem,
+    dead_letter_queue_name,
+    delay_bucket_ms,
+    exchange_name,
+    queue_name,
+)
 from medcourier.engine.errors import BrokerError
 
 log = structlog.get_logger(__name__)
@@ -129,6 +136,9 @@ class AmqpBroker:
         self._reconnect_max_delay = reconnect_max_delay
 
         self._routes: list[str] = []
+        self._parallel: set[str] = set()
+        self._prefetch: dict[str, int] = {}
+        self._delay_queues: set[str] = set()
         self._handlers: dict[str, Handler] = {}
         self._started = False
         self._closing = False
@@ -166,7 +176,7 @@ class AmqpBroker:
         """True while a publish can be attempted (connection and publisher channel open)."""
         return self._publisher is not None and self._publisher.is_open and not self._closing
 
-    async def start(self, routes: list[str]) -> None:
+    async def start(self, routes: list[str], parallel: Collection[str] = ()) -> None:
         """Connect, declare the exchange and the routes' queues, open the confirm channel.
 
         Raises ``BrokerError`` if RabbitMQ cannot be reached or refuses the topology (for instance a
@@ -176,6 +186,7 @@ class AmqpBroker:
         if self._started or self._closing:
             raise BrokerError("AmqpBroker.start() called twice or after close()")
         self._routes = list(dict.fromkeys(routes))
+        self._parallel = set(parallel)
         try:
             await self._connect()
         except BaseException:
@@ -238,19 +249,86 @@ class AmqpBroker:
         Raises ``BrokerError`` when disconnected (immediately), when RabbitMQ nacks or cannot route
         the message, when the connection drops before the confirm, or after ``confirm_timeout``.
         """
+        await self._publish(self._exchange, item.route, item)
+
+    async def publish_later(self, item: WorkItem, delay: float) -> None:
+        """Park ``item`` in a delay queue; RabbitMQ dead-letters it back to its route when its
+        per-message TTL expires, so the wait survives an engine restart."""
+        queue = f"{queue_name(self._instance, item.route)}.delay.{delay_bucket_ms(delay)}"
+        if queue not in self._delay_queues:
+            await self._declare_delay_queue(queue, item.route)
+            self._delay_queues.add(queue)
+        await self._publish("", queue, item, expiration=str(max(1, int(delay * 1000))))
+
+    async def _declare_delay_queue(self, queue: str, route: str) -> None:
+        """Declare a delay queue on a short-lived channel of its own.
+
+        A queue left with other arguments (say, before ``quorum_queues`` was switched on) makes
+        RabbitMQ close the channel that declared it: on the publisher channel that would fail
+        every publish in flight. Here only this call fails, and the worker waits in place.
+        """
+        connection = self._connection
+        if connection is None or not self.connected:
+            raise BrokerError("RabbitMQ is not connected: the item was not queued")
+        arguments: dict[str, Any] = {
+            **self._queue_arguments,
+            "x-dead-letter-exchange": self._exchange,
+            "x-dead-letter-routing-key": route,
+        }
+        if self._queue_arguments.get("x-queue-type") == "quorum":
+            # Quorum queues dead-letter at most once unless told otherwise: an expired retry
+            # could be dropped on its way back to the route.
+            arguments["x-dead-letter-strategy"] = "at-least-once"
+            arguments["x-overflow"] = "reject-publish"
+        channel: Channel = await self._rpc(
+            lambda done: connection.channel(on_open_callback=done), "open admin channel"
+        )
+        channel.add_on_close_callback(self._fail_waiters)
+        try:
+            await self._rpc(
+                lambda done: channel.queue_declare(
+                    queue, durable=True, arguments=arguments, callback=done
+                ),
+                f"declare queue {queue} (a delay queue left with other arguments must be "
+                "deleted once empty)",
+                channel,
+            )
+        finally:
+            if channel.is_open:
+                with contextlib.suppress(pika.exceptions.AMQPError):
+                    channel.close()
+
+    async def dead_letter(self, item: WorkItem, reason: str) -> None:
+        await self._publish(
+            "", dead_letter_queue_name(self._instance, item.route), item, reason=reason[:1000]
+        )
+
+    async def _publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        item: WorkItem,
+        *,
+        expiration: str | None = None,
+        reason: str | None = None,
+    ) -> None:
         channel = self._publisher
         if channel is None or not channel.is_open or self._closing:
             raise BrokerError("RabbitMQ is not connected: the item was not queued")
         tag = self._next_tag + 1
+        headers: dict[str, Any] = {_SEQ_HEADER: tag}
+        if reason is not None:
+            headers["x-medcourier-reason"] = reason
         properties = BasicProperties(
             content_type="application/json",
             delivery_mode=pika.DeliveryMode.Persistent,
             message_id=item.transaction_id,
-            headers={_SEQ_HEADER: tag},
+            headers=headers,
+            expiration=expiration,
         )
         try:
             channel.basic_publish(
-                self._exchange, item.route, item.to_bytes(), properties, mandatory=True
+                exchange, routing_key, item.to_bytes(), properties, mandatory=True
             )
         except pika.exceptions.AMQPError as exc:
             raise BrokerError(f"publish failed: {exc!r}") from exc
@@ -331,8 +409,9 @@ class AmqpBroker:
 
     # ------------------------------------------------------------------ consuming
 
-    async def consume(self, route: str, handler: Handler) -> None:
-        """Deliver the route's items to ``handler``, one at a time (prefetch 1, FIFO).
+    async def consume(self, route: str, handler: Handler, prefetch: int = 1) -> None:
+        """Deliver the route's items to ``handler``: one at a time (prefetch 1, FIFO), or up to
+        ``prefetch`` at once on a parallel route.
 
         The consumer is re-registered after every reconnect. Raises ``BrokerError`` if the broker
         is not connected right now.
@@ -345,6 +424,7 @@ class AmqpBroker:
         if connection is None or not self.connected:
             raise BrokerError("RabbitMQ is not connected: cannot start the consumer")
         self._handlers[route] = handler
+        self._prefetch[route] = prefetch
         try:
             await self._start_consumer(connection, route, handler)
         except BaseException:
@@ -362,7 +442,11 @@ class AmqpBroker:
         channel.add_on_cancel_callback(partial(self._on_consumer_cancelled, route, channel))
         try:
             await self._rpc(
-                lambda done: channel.basic_qos(prefetch_count=1, callback=done), "qos", channel
+                lambda done: channel.basic_qos(
+                    prefetch_count=self._prefetch.get(route, 1), callback=done
+                ),
+                "qos",
+                channel,
             )
             await self._declare_queue(channel, route)
             await self._rpc(
@@ -607,11 +691,25 @@ class AmqpBroker:
 
     async def _declare_queue(self, channel: Channel, route: str) -> None:
         queue = queue_name(self._instance, route)
+        arguments = dict(self._queue_arguments)
+        if route not in self._parallel:
+            # Several engines may consume one FIFO route: RabbitMQ gives the route to one of
+            # them at a time and fails over to another, so the order holds across processes.
+            arguments["x-single-active-consumer"] = True
         await self._rpc(
             lambda done: channel.queue_declare(
-                queue, durable=True, arguments=self._queue_arguments, callback=done
+                queue, durable=True, arguments=arguments, callback=done
             ),
-            f"declare queue {queue}",
+            f"declare queue {queue} (a queue left by an older version with other arguments "
+            "must be drained and deleted, or use another instance name)",
+            channel,
+        )
+        dead = dead_letter_queue_name(self._instance, route)
+        await self._rpc(
+            lambda done: channel.queue_declare(
+                dead, durable=True, arguments=self._queue_arguments, callback=done
+            ),
+            f"declare queue {dead}",
             channel,
         )
         await self._rpc(

@@ -37,7 +37,9 @@ import concurrent.futures
 import contextlib
 import sqlite3
 import threading
+import time
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, cast
 
@@ -47,7 +49,7 @@ from kombu.entity import Queue
 from kombu.messaging import Producer
 from sqlalchemy.exc import SADeprecationWarning
 
-from medcourier.engine.broker import Handler, WorkItem, queue_name
+from medcourier.engine.broker import Handler, WorkItem, dead_letter_queue_name, queue_name
 from medcourier.engine.errors import BrokerError
 
 log = structlog.get_logger(__name__)
@@ -135,6 +137,8 @@ class EmbeddedBroker:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._stop = threading.Event()
         self._threads: dict[str, threading.Thread] = {}
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._due: set[asyncio.Task[None]] = set()
         self._closed = False
         # Owned by the publisher thread only.
         self._pub_connection: Any = None
@@ -150,7 +154,7 @@ class EmbeddedBroker:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self, routes: list[str]) -> None:
+    async def start(self, routes: list[str], parallel: Collection[str] = ()) -> None:
         """Create the file if needed, declare the routes' queues, open the publishing thread."""
         if self._executor is not None or self._closed:
             raise BrokerError("EmbeddedBroker.start() called twice or after close()")
@@ -175,6 +179,9 @@ class EmbeddedBroker:
         for route in routes:
             queue = queue_name(self._instance, route)
             self._pub_channel.queue_declare(queue=queue, durable=True)
+            self._pub_channel.queue_declare(
+                queue=dead_letter_queue_name(self._instance, route), durable=True
+            )
             self._compact(queue)
 
     async def close(self) -> None:
@@ -187,6 +194,11 @@ class EmbeddedBroker:
             return
         self._closed = True
         self._stop.set()
+        for handle in self._timers:
+            handle.cancel()  # the store re-queues those deliveries at the next start
+        self._timers.clear()
+        for task in list(self._due):
+            task.cancel()
         for route, thread in list(self._threads.items()):
             await asyncio.to_thread(thread.join, self._close_timeout)
             if thread.is_alive():
@@ -224,8 +236,42 @@ class EmbeddedBroker:
         """Insert the item into its route's queue; returns once the SQLite commit returned."""
         await self._in_publisher(self._publish, item)
 
-    def _publish(self, item: WorkItem) -> None:
-        queue = queue_name(self._instance, item.route)
+    async def publish_later(self, item: WorkItem, delay: float) -> None:
+        """Publish ``item`` after ``delay`` seconds, from a timer of this process.
+
+        The wait itself is not durable here (kombu's SQLite transport has no message TTL), but
+        the delivery is: it stays unfinished in the store, and start-up re-queues every unfinished
+        delivery, so a wait cut short by a crash is only shortened.
+        """
+        if self._closed:
+            raise BrokerError("the embedded broker is closed: the item was not queued")
+        loop = asyncio.get_running_loop()
+        handle = loop.call_later(delay, self._publish_due, item)
+        self._timers.add(handle)
+
+    def _publish_due(self, item: WorkItem) -> None:
+        task = asyncio.get_running_loop().create_task(self._publish_retry(item))
+        self._due.add(task)
+        task.add_done_callback(self._due.discard)
+
+    async def _publish_retry(self, item: WorkItem) -> None:
+        delay = 0.5
+        while not self._closed:
+            try:
+                await self.publish(item)
+                return
+            except BrokerError as exc:
+                log.warning("broker.delayed_publish_failed", route=item.route, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def dead_letter(self, item: WorkItem, reason: str) -> None:
+        await self._in_publisher(
+            self._publish, item, dead_letter_queue_name(self._instance, item.route)
+        )
+
+    def _publish(self, item: WorkItem, queue: str | None = None) -> None:
+        queue = queue or queue_name(self._instance, item.route)
         self._producer.publish(
             item.to_bytes(),
             exchange="",
@@ -247,8 +293,12 @@ class EmbeddedBroker:
 
     # ------------------------------------------------------------------ consuming
 
-    async def consume(self, route: str, handler: Handler) -> None:
-        """Start the route's consumer thread; returns once it has its connection and queue."""
+    async def consume(self, route: str, handler: Handler, prefetch: int = 1) -> None:
+        """Start the route's consumer thread; returns once it has its connection and queue.
+
+        With ``prefetch`` above 1 (a parallel route) the thread keeps up to that many items in
+        flight at once, each acknowledged when its handler returns.
+        """
         loop = self._loop
         if loop is None or self._closed:
             raise BrokerError("EmbeddedBroker.consume() needs a started, open broker")
@@ -256,8 +306,10 @@ class EmbeddedBroker:
             raise BrokerError(f"route {route!r} already has a consumer")
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         thread = threading.Thread(
-            target=self._consume_loop,
-            args=(route, handler, loop, ready),
+            target=self._consume_loop if prefetch <= 1 else self._consume_parallel,
+            args=(route, handler, loop, ready)
+            if prefetch <= 1
+            else (route, handler, loop, ready, prefetch),
             name=f"medcourier-queue-{route}",
             daemon=True,
         )
@@ -316,6 +368,107 @@ class EmbeddedBroker:
             # Unacknowledged (held) items are restored by kombu here, at the tail of the queue.
             connection.release()
             _close_channel_session(channel)
+
+    def _consume_parallel(
+        self,
+        route: str,
+        handler: Handler,
+        loop: asyncio.AbstractEventLoop,
+        ready: concurrent.futures.Future[None],
+        prefetch: int,
+    ) -> None:
+        """Body of a parallel route's consumer thread: up to ``prefetch`` handlers at once.
+
+        The thread alone touches kombu (fetch and ack); handlers run on the event loop. A handler
+        that raises is started again after ``requeue_delay`` (its item stays in flight).
+        """
+        queue_label = queue_name(self._instance, route)
+        connection = self._connection()
+        channel: Any = None
+        try:
+            channel = connection.channel()
+            queue = _Queue(queue_label, routing_key=queue_label, durable=True)(channel)
+            queue.declare()
+        except Exception as exc:
+            connection.release()
+            if channel is not None:
+                _close_channel_session(channel)
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        inflight: dict[concurrent.futures.Future[None], tuple[Any, WorkItem]] = {}
+        retry_at: list[tuple[float, Any, WorkItem]] = []
+        acked = 0
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                for entry in [e for e in retry_at if e[0] <= now]:
+                    retry_at.remove(entry)
+                    future = self._submit(handler, entry[2], loop)
+                    if future is None:
+                        return
+                    inflight[future] = (entry[1], entry[2])
+                while len(inflight) + len(retry_at) < prefetch:
+                    try:
+                        message = queue.get(no_ack=False)
+                    except Exception as exc:
+                        log.warning("broker.poll_failed", route=route, error=type(exc).__name__)
+                        break
+                    if message is None:
+                        break
+                    try:
+                        item = WorkItem.from_bytes(message.body)
+                    except (ValueError, KeyError, TypeError) as exc:
+                        log.error(
+                            "broker.malformed_item_dropped", route=route, error=type(exc).__name__
+                        )
+                        message.ack()
+                        continue
+                    future = self._submit(handler, item, loop)
+                    if future is None:
+                        return
+                    inflight[future] = (message, item)
+                if not inflight:
+                    self._stop.wait(self._polling_interval)
+                    continue
+                done, _ = concurrent.futures.wait(
+                    list(inflight), timeout=self._polling_interval, return_when="FIRST_COMPLETED"
+                )
+                for future in done:
+                    message, item = inflight.pop(future)
+                    if future.cancelled() or future.exception() is not None:
+                        log.warning(
+                            "broker.handler_failed",
+                            route=route,
+                            transaction_id=item.transaction_id,
+                            error=type(future.exception()).__name__
+                            if not future.cancelled()
+                            else "CancelledError",
+                        )
+                        retry_at.append((time.monotonic() + self._requeue_delay, message, item))
+                        continue
+                    message.ack()
+                    acked += 1
+                    if acked % self._compact_every == 0:
+                        self._compact(queue_label)
+        finally:
+            for future in inflight:
+                with contextlib.suppress(Exception):
+                    future.result(timeout=self._close_timeout)
+            connection.release()
+            _close_channel_session(channel)
+
+    @staticmethod
+    def _submit(
+        handler: Handler, item: WorkItem, loop: asyncio.AbstractEventLoop
+    ) -> concurrent.futures.Future[None] | None:
+        async def call() -> None:
+            await handler(item)
+
+        try:
+            return asyncio.run_coroutine_threadsafe(call(), loop)
+        except RuntimeError:  # the loop is closed
+            return None
 
     def _deliver(
         self, route: str, handler: Handler, loop: asyncio.AbstractEventLoop, message: Any

@@ -1,0 +1,104 @@
+"""FHIR resources kept as sent: Practitioner, Organization, DocumentReference,
+CommunicationRequest, and Binary contents.
+
+Seed 001's flow posts a document in steps (Binary, then DocumentReference, then
+CommunicationRequest) and each step refers to the previous ones: these are the rows those
+references resolve against. The engine reads a few fields of them (the Binary's bytes, the
+DocumentReference's type and title, the author's RPPS); the rest is kept and answered back as
+sent. Binary bytes live apart from the resource rows, like document payloads.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from medcourier.engine.clock import now
+from medcourier.engine.directory import server_meta
+from medcourier.engine.schema import binaries, resources
+
+
+class ResourceStore:
+    """Resource operations; mixed into ``Store``, which provides ``self.engine``."""
+
+    engine: Engine
+
+    def tx_put_resource(
+        self,
+        c: Connection,
+        resource: dict[str, Any],
+        transaction_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Store a new resource under a server-assigned id; returns it as it will be read."""
+        return insert_resource(c, resource, transaction_id)
+
+    def get_resource(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
+        found = self.get_resource_row(resource_type, resource_id)
+        return found[0] if found is not None else None
+
+    def get_resource_row(
+        self, resource_type: str, resource_id: str
+    ) -> tuple[dict[str, Any], str | None] | None:
+        """The resource and the transaction id it is linked to (CommunicationRequests)."""
+        q = sa.select(resources.c.resource, resources.c.transaction_id).where(
+            resources.c.type == resource_type, resources.c.id == resource_id
+        )
+        with self.engine.connect() as c:
+            row = c.execute(q).first()
+        return (json.loads(row.resource), row.transaction_id) if row is not None else None
+
+    def requests_of(self, transaction_id: str) -> list[str]:
+        """Ids of the CommunicationRequests that created this transaction's document."""
+        q = sa.select(resources.c.id).where(
+            resources.c.transaction_id == transaction_id,
+            resources.c.type == "CommunicationRequest",
+        )
+        with self.engine.connect() as c:
+            return [r[0] for r in c.execute(q)]
+
+    def tx_put_binary(self, c: Connection, content_type: str, data: bytes) -> dict[str, Any]:
+        """Keep a Binary's bytes; returns the Binary resource without its data."""
+        binary_id = uuid.uuid4().hex
+        c.execute(
+            binaries.insert().values(
+                id=binary_id, content_type=content_type, created_at=now(), data=data
+            )
+        )
+        return {
+            "resourceType": "Binary",
+            "id": binary_id,
+            "meta": server_meta(1),
+            "contentType": content_type,
+        }
+
+    def get_binary(self, binary_id: str) -> tuple[str, bytes] | None:
+        q = sa.select(binaries.c.content_type, binaries.c.data).where(binaries.c.id == binary_id)
+        with self.engine.connect() as c:
+            row = c.execute(q).first()
+        return (row.content_type, bytes(row.data)) if row is not None else None
+
+    def binary_content_type(self, binary_id: str) -> str | None:
+        """The Binary's content type, without reading its bytes (reference checks)."""
+        q = sa.select(binaries.c.content_type).where(binaries.c.id == binary_id)
+        with self.engine.connect() as c:
+            return c.execute(q).scalar()
+
+
+def insert_resource(
+    c: Connection, resource: dict[str, Any], transaction_id: str | None = None
+) -> dict[str, Any]:
+    out = {**resource, "id": uuid.uuid4().hex, "meta": server_meta(1, resource.get("meta"))}
+    c.execute(
+        resources.insert().values(
+            type=out["resourceType"],
+            id=out["id"],
+            resource=json.dumps(out),
+            created_at=now(),
+            transaction_id=transaction_id,
+        )
+    )
+    return out
