@@ -290,17 +290,17 @@ class Engine:
             *(self.broker.publish(WorkItem(txid, r.name)) for r in routes),
             return_exceptions=True,
         )
-        failed = [(r, e) for r, e in zip(routes, outcomes, strict=True) if e is not None]
-        for r, error in failed:
+        failed = []
+        for r, error in zip(routes, outcomes, strict=True):
+            if error is None:
+                continue
             if not isinstance(error, BrokerError):
                 raise error
-            await self.store.write(
-                self.store.sync.tx_set_status,
-                txid,
-                r.name,
-                Status.ENTERED_IN_ERROR,
-                f"not queued: {error}",
+            unqueued = await self.store.write(
+                self.store.sync.tx_mark_unqueued, txid, r.name, f"not queued: {error}"
             )
+            if unqueued:  # else a worker already took the item: it was queued after all
+                failed.append((r, error))
         if len(failed) == len(routes):
             # Nothing was queued: the sender is told so and may send again.
             raise failed[0][1]

@@ -364,6 +364,36 @@ class Store(DirectoryStore, ResourceStore):
         )
         return Status(old) if old else None
 
+    def tx_mark_unqueued(self, c: Connection, transaction_id: str, route: str, reason: str) -> bool:
+        """Record that a delivery's queue item was not confirmed, unless a worker took it.
+
+        An unconfirmed publish may still have been queued (the confirm was lost, not the item),
+        and a worker elsewhere may already be on it: only a delivery still in ``preparation``
+        becomes entered-in-error. Returns False when a worker had it (it was queued after all).
+        """
+        at = now()
+        done = c.execute(
+            deliveries.update()
+            .where(
+                deliveries.c.transaction_id == transaction_id,
+                deliveries.c.route == route,
+                deliveries.c.status == Status.PREPARATION.value,
+            )
+            .values(status=Status.ENTERED_IN_ERROR.value, status_at=at, reason=reason)
+        )
+        if done.rowcount != 1:
+            return False
+        c.execute(
+            status_events.insert().values(
+                transaction_id=transaction_id,
+                route=route,
+                status=Status.ENTERED_IN_ERROR.value,
+                at=at,
+                reason=reason,
+            )
+        )
+        return True
+
     def deliveries_of(self, transaction_id: str) -> list[DeliveryRow]:
         q = (
             sa.select(deliveries)
