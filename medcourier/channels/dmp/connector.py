@@ -45,16 +45,12 @@ import json
 import re
 import ssl
 import urllib.parse
-from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
-    FilePath,
-    PrivateAttr,
     field_validator,
     model_validator,
 )
@@ -62,11 +58,11 @@ from pydantic import (
 from medcourier.channels.http.outbound import (
     KEPT_BODY_BYTES,
     BearerAuth,
+    TlsClientOptions,
     _describe,
     _excerpt,
     _read_some,
     _retry_after,
-    _ssl_context,
 )
 from medcourier.engine.model import DeliveryResult, Document, Rendered
 from medcourier.transforms.cda.dmp import patient_identity
@@ -77,11 +73,10 @@ RETRY_STATUSES = frozenset({408, 425, 429})
 DMP_ID_CHARS = 200
 """How much of the DMP's document id goes into a reason."""
 
-_BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
 _HEADER_VALUE = re.compile(r"[\x20-\x7e]+")  # what httpx can send in a header, and no line break
 
 
-class DmpOptions(BaseModel):
+class DmpOptions(TlsClientOptions):
     """The ``deliver:`` block of a route using ``connector: dmp``.
 
     ``url`` is the base of the DMP web service (``https://dmp.example/api``): the connector adds
@@ -98,13 +93,8 @@ class DmpOptions(BaseModel):
     connector: Literal["dmp"] = "dmp"
     url: str
     auth: BearerAuth | None = None
-    client_cert: FilePath | None = Field(None, description="PEM certificate (may hold the key)")
-    client_key: FilePath | None = Field(None, description="PEM private key of client_cert")
-    verify: bool | Path = True
     timeout: float = Field(30.0, gt=0)
     connect_timeout: float = Field(10.0, gt=0)
-
-    _ssl: ssl.SSLContext = PrivateAttr()
 
     @field_validator("url")
     @classmethod
@@ -121,33 +111,11 @@ class DmpOptions(BaseModel):
             raise ValueError("the base URL takes no query or fragment")
         return value.rstrip("/")
 
-    @field_validator("verify", mode="before")
-    @classmethod
-    def _verify_word_or_path(cls, value: Any) -> Any:
-        """``${DMP_VERIFY:-true}`` arrives as a string: a boolean word, else a path."""
-        if isinstance(value, str):
-            word = _BOOLEAN_WORDS.get(value.strip().lower())
-            return word if word is not None else Path(value)
-        return value
-
-    @field_validator("verify")
-    @classmethod
-    def _bundle_exists(cls, value: bool | Path) -> bool | Path:
-        if isinstance(value, Path) and not value.is_file():
-            raise ValueError(f"no CA bundle file at {value}")
-        return value
-
     @model_validator(mode="after")
     def _tls(self) -> DmpOptions:
         """Build the TLS context now, so a bad certificate or key fails ``medcourier check``."""
-        if self.client_key is not None and self.client_cert is None:
-            raise ValueError("client_key needs client_cert")
-        self._ssl = _ssl_context(self.verify, self.client_cert, self.client_key)
+        self._build_tls()
         return self
-
-    @property
-    def ssl_context(self) -> ssl.SSLContext:
-        return self._ssl
 
 
 class DmpSender:

@@ -41,22 +41,21 @@ import json
 import os
 import re
 import secrets
-import socket
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, cast
 
-import uvicorn
 from lxml import etree
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from medcourier.channels.http.embedded_server import EmbeddedHttpServer
 from medcourier.engine.nir import INS_OIDS, nir_problem
 from medcourier.engine.signals import until_signalled
 from medcourier.transforms.cda.dmp import HL7_NS
@@ -102,14 +101,6 @@ class _Refusal(Exception):
         self.message = message
 
 
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the program embedding it owns SIGINT/SIGTERM."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 class DmpSimulator:
     """The simulated DMP. ``default_status``, ``documents``, ``delay`` and ``down`` may be
     changed while it runs, as may ``patients`` (NIR → status), in-process or through
@@ -149,9 +140,6 @@ class DmpSimulator:
         self.received: list[StoredDocument] = []
         self._by_key: dict[str, StoredDocument] = {}
         self._storing = asyncio.Lock()
-        self._port = port
-        self._server: _EmbeddedServer | None = None
-        self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         service = _Service(self)
         self.app = Starlette(
@@ -164,11 +152,12 @@ class DmpSimulator:
                 Route("/_admin/received", self._list_received, methods=["GET"]),
             ]
         )
+        self._http = EmbeddedHttpServer(self.app, host, port, "DMP simulator")
 
     @property
     def port(self) -> int:
         """The listening port: the real one once started (useful with port 0)."""
-        return self._port
+        return self._http.port
 
     @property
     def url(self) -> str:
@@ -184,49 +173,18 @@ class DmpSimulator:
 
     async def start(self) -> None:
         """Listen; returns once connections are accepted."""
-        if self._server is not None:
+        if self._http.running:
             raise RuntimeError("simulator already started")
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self._port))
-        except OSError:
-            sock.close()
-            raise
-        self._port = int(sock.getsockname()[1])
-        config = uvicorn.Config(
-            self.app,
-            log_config=None,  # the embedding program's logging is left alone
-            log_level="warning",
-            access_log=False,  # the status check's URL holds the NIR
-            lifespan="off",
-            http="h11",
-            ws="none",
-            timeout_graceful_shutdown=2,
-        )
         self._stopping = asyncio.Event()
         self._storing = asyncio.Lock()
-        self._server = server = _EmbeddedServer(config)
-        self._task = task = asyncio.create_task(server.serve(sockets=[sock]))
-        while not server.started:
-            if task.done():
-                sock.close()
-                self._server = self._task = None
-                await task  # raises what went wrong
-                raise RuntimeError("the DMP simulator stopped while starting")
-            await asyncio.sleep(0.01)
+        await self._http.start()
 
     async def stop(self) -> None:
         """Stop listening; requests held by ``delay`` are answered at once."""
-        server, task = self._server, self._task
-        self._server = self._task = None
-        if server is None or task is None:
-            return
         self._stopping.set()
-        server.should_exit = True
-        await task
+        await self._http.stop()
 
     async def __aenter__(self) -> DmpSimulator:
         await self.start()

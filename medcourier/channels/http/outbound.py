@@ -97,7 +97,48 @@ class BasicAuth(BaseModel):
     password: SecretStr
 
 
-class HttpOptions(BaseModel):
+class TlsClientOptions(BaseModel):
+    """The TLS side of an HTTP client's options, shared by the connectors that speak HTTPS.
+
+    ``verify`` is true (the system's CAs), false (no check: tests only) or a CA bundle file that
+    replaces them; ``client_cert`` / ``client_key`` authenticate medcourier with a certificate
+    (mutual TLS). The TLS context is built when the options are checked, so a bad certificate or
+    key fails ``medcourier check``, not the first delivery.
+    """
+
+    client_cert: FilePath | None = Field(None, description="PEM certificate (may hold the key)")
+    client_key: FilePath | None = Field(None, description="PEM private key of client_cert")
+    verify: bool | Path = True
+
+    _ssl: ssl.SSLContext = PrivateAttr()
+
+    @field_validator("verify", mode="before")
+    @classmethod
+    def _verify_word_or_path(cls, value: Any) -> Any:
+        """``${VERIFY:-true}`` arrives as a string: a boolean word, else a path."""
+        if isinstance(value, str):
+            word = _BOOLEAN_WORDS.get(value.strip().lower())
+            return word if word is not None else Path(value)
+        return value
+
+    @field_validator("verify")
+    @classmethod
+    def _bundle_exists(cls, value: bool | Path) -> bool | Path:
+        if isinstance(value, Path) and not value.is_file():
+            raise ValueError(f"no CA bundle file at {value}")
+        return value
+
+    def _build_tls(self) -> None:
+        if self.client_key is not None and self.client_cert is None:
+            raise ValueError("client_key needs client_cert")
+        self._ssl = _ssl_context(self.verify, self.client_cert, self.client_key)
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        return self._ssl
+
+
+class HttpOptions(TlsClientOptions):
     """The ``deliver:`` block of a route using ``connector: http``.
 
     ``url`` may contain ``{transaction_id}`` (or ``{message_id}``), replaced by the
@@ -119,15 +160,10 @@ class HttpOptions(BaseModel):
         default_factory=dict, description="headers whose values are secrets (API keys)"
     )
     auth: Annotated[BearerAuth | BasicAuth, Field(discriminator="type")] | None = None
-    client_cert: FilePath | None = Field(None, description="PEM certificate (may hold the key)")
-    client_key: FilePath | None = Field(None, description="PEM private key of client_cert")
-    verify: bool | Path = True
     timeout: float = Field(30.0, gt=0)
     connect_timeout: float = Field(10.0, gt=0)
     retry_statuses: frozenset[int] = Field(frozenset({408, 425, 429}))
     proxy: str | None = Field(None, description="http://proxy:3128 (the environment is ignored)")
-
-    _ssl: ssl.SSLContext = PrivateAttr()
 
     @field_validator("method", mode="before")
     @classmethod
@@ -179,22 +215,6 @@ class HttpOptions(BaseModel):
                 )
         return value
 
-    @field_validator("verify", mode="before")
-    @classmethod
-    def _verify_word_or_path(cls, value: Any) -> Any:
-        """``${VERIFY:-true}`` arrives as a string: a boolean word, else a path."""
-        if isinstance(value, str):
-            word = _BOOLEAN_WORDS.get(value.strip().lower())
-            return word if word is not None else Path(value)
-        return value
-
-    @field_validator("verify")
-    @classmethod
-    def _bundle_exists(cls, value: bool | Path) -> bool | Path:
-        if isinstance(value, Path) and not value.is_file():
-            raise ValueError(f"no CA bundle file at {value}")
-        return value
-
     @field_validator("retry_statuses")
     @classmethod
     def _client_errors(cls, value: frozenset[int]) -> frozenset[int]:
@@ -211,14 +231,8 @@ class HttpOptions(BaseModel):
             raise ValueError("a header is given twice (headers and secret_headers)")
         if self.auth is not None and "authorization" in headers:
             raise ValueError("give auth or an Authorization header, not both")
-        if self.client_key is not None and self.client_cert is None:
-            raise ValueError("client_key needs client_cert")
-        self._ssl = _ssl_context(self.verify, self.client_cert, self.client_key)
+        self._build_tls()
         return self
-
-    @property
-    def ssl_context(self) -> ssl.SSLContext:
-        return self._ssl
 
     def url_for(self, message_id: str) -> str:
         """The URL with ``{transaction_id}`` / ``{message_id}`` filled in."""

@@ -18,21 +18,20 @@ import asyncio
 import contextlib
 import json
 import re
-import socket
 import ssl
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from medcourier.channels.http.embedded_server import EmbeddedHttpServer
 from medcourier.engine.signals import until_signalled
 
 Mode = Literal["accept", "reject", "fail", "slow"]
@@ -53,14 +52,6 @@ class Received:
     headers: dict[str, str]
     body: bytes
     status: int
-
-
-class _Server(uvicorn.Server):
-    """uvicorn's server without its signal handlers: the embedding program owns the signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 class JsonReceiver:
@@ -95,9 +86,7 @@ class JsonReceiver:
         self.on_document = on_document
         self.received: list[Received] = []
         self.documents: list[Any] = []
-        self._port = port
-        self._server: _Server | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._requested_port = port  # 0: any free port (read ``port`` once started)
         self._stopping = asyncio.Event()
         self.app = Starlette(
             routes=[
@@ -105,6 +94,17 @@ class JsonReceiver:
                 Route("/documents/{rest:path}", self._post, methods=["POST", "PUT"]),
                 Route("/documents", self._list, methods=["GET"]),
             ]
+        )
+        self._http = EmbeddedHttpServer(
+            self.app,
+            host,
+            self._requested_port,
+            "receiver",
+            ssl_certfile=certfile,
+            ssl_keyfile=keyfile,
+            # With client_ca, a client must present a certificate it signed (mutual TLS).
+            ssl_ca_certs=client_ca,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if client_ca else ssl.CERT_NONE,
         )
 
     @property
@@ -120,7 +120,7 @@ class JsonReceiver:
 
     @property
     def port(self) -> int:
-        return self._port
+        return self._http.port
 
     @property
     def url(self) -> str:
@@ -131,53 +131,17 @@ class JsonReceiver:
 
     async def start(self) -> None:
         """Listen (returns once the socket accepts connections)."""
-        if self._server is not None:
+        if self._http.running:
             raise RuntimeError("receiver already started")
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self._port))
-        except OSError:
-            sock.close()
-            raise
-        self._port = int(sock.getsockname()[1])
-        config = uvicorn.Config(
-            self.app,
-            log_config=None,  # leave the embedding program's logging alone
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            http="h11",
-            ws="none",
-            ssl_certfile=self.certfile,
-            ssl_keyfile=self.keyfile,
-            # With client_ca, a client must present a certificate it signed (mutual TLS).
-            ssl_ca_certs=self.client_ca,
-            ssl_cert_reqs=ssl.CERT_REQUIRED if self.client_ca else ssl.CERT_NONE,
-            timeout_graceful_shutdown=2,
-        )
         self._stopping = asyncio.Event()
-        self._server = server = _Server(config)
-        self._task = asyncio.create_task(server.serve(sockets=[sock]))
-        while not server.started:
-            if self._task.done():
-                sock.close()
-                self._server = None
-                await self._task  # raises what went wrong (a bad certificate...)
-                raise RuntimeError("the receiver stopped while starting")
-            await asyncio.sleep(0.01)
+        await self._http.start()
 
     async def stop(self) -> None:
         """Stop listening; requests kept waiting by ``slow`` are answered at once."""
-        server, task = self._server, self._task
-        self._server = self._task = None
-        if server is None or task is None:
-            return
         self._stopping.set()
-        server.should_exit = True
-        await task
+        await self._http.stop()
 
     async def __aenter__(self) -> JsonReceiver:
         await self.start()

@@ -30,6 +30,7 @@ from medcourier.engine.api.fhir import (
     expect_type,
     fhir_response,
     list_field,
+    not_queued,
     read_json,
     searchset,
 )
@@ -230,12 +231,7 @@ async def create_communication_request(
             lambda txid: default_title(patient, facts.document_type, txid),
         )
     except BrokerError as exc:
-        raise FhirError(
-            503,
-            "The document could not be queued and was not accepted; try again later",
-            code="transient",
-            headers={"Retry-After": "5"},
-        ) from exc
+        raise not_queued() from exc
     resource = saved[0]
     return fhir_response(
         resource,

@@ -36,6 +36,16 @@ class FhirError(Exception):
         self.headers = headers
 
 
+def not_queued() -> FhirError:
+    """503: the queue did not confirm, so the document was not accepted and may be sent again."""
+    return FhirError(
+        503,
+        "The document could not be queued and was not accepted; try again later",
+        code="transient",
+        headers={"Retry-After": "5"},
+    )
+
+
 def bad_field(field: str, why: str, status: int = 400) -> FhirError:
     """An error about one field of the request, named as a FHIRPath expression."""
     return FhirError(status, f"{field}: {why}", code="invalid", expression=field)

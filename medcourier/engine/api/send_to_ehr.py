@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from medcourier.engine.api.auth import Principal, require
-from medcourier.engine.api.fhir import FhirError, fhir_response, read_json
+from medcourier.engine.api.fhir import FhirError, fhir_response, not_queued, read_json
 from medcourier.engine.content import (
     CONTENT_TYPES,
     default_title,
@@ -233,12 +233,7 @@ async def send_to_ehr(
     except NoRouteError as exc:
         raise FhirError(422, str(exc), code="not-found") from exc
     except BrokerError as exc:
-        raise FhirError(
-            503,
-            "The document could not be queued and was not accepted; try again later",
-            code="transient",
-            headers={"Retry-After": "5"},
-        ) from exc
+        raise not_queued() from exc
     return fhir_response(
         {
             "resourceType": "Parameters",

@@ -335,19 +335,10 @@ class EmbeddedBroker:
         module docstring for why it is not requeued).
         """
         queue_label = queue_name(self._instance, route)
-        connection = self._connection()
-        channel: Any = None
-        try:
-            channel = connection.channel()
-            queue = _Queue(queue_label, routing_key=queue_label, durable=True)(channel)
-            queue.declare()
-        except Exception as exc:
-            connection.release()
-            if channel is not None:
-                _close_channel_session(channel)
-            ready.set_exception(exc)
+        opened = self._open_consumer(queue_label, ready)
+        if opened is None:
             return
-        ready.set_result(None)
+        connection, channel, queue = opened
         acked = 0
         try:
             while not self._stop.is_set():
@@ -369,6 +360,26 @@ class EmbeddedBroker:
             connection.release()
             _close_channel_session(channel)
 
+    def _open_consumer(
+        self, queue_label: str, ready: concurrent.futures.Future[None]
+    ) -> tuple[Any, Any, Any] | None:
+        """This thread's kombu connection, channel and declared queue; None (and ``ready``
+        failed) when the queue cannot be opened."""
+        connection = self._connection()
+        channel: Any = None
+        try:
+            channel = connection.channel()
+            queue = _Queue(queue_label, routing_key=queue_label, durable=True)(channel)
+            queue.declare()
+        except Exception as exc:
+            connection.release()
+            if channel is not None:
+                _close_channel_session(channel)
+            ready.set_exception(exc)
+            return None
+        ready.set_result(None)
+        return connection, channel, queue
+
     def _consume_parallel(
         self,
         route: str,
@@ -383,19 +394,10 @@ class EmbeddedBroker:
         that raises is started again after ``requeue_delay`` (its item stays in flight).
         """
         queue_label = queue_name(self._instance, route)
-        connection = self._connection()
-        channel: Any = None
-        try:
-            channel = connection.channel()
-            queue = _Queue(queue_label, routing_key=queue_label, durable=True)(channel)
-            queue.declare()
-        except Exception as exc:
-            connection.release()
-            if channel is not None:
-                _close_channel_session(channel)
-            ready.set_exception(exc)
+        opened = self._open_consumer(queue_label, ready)
+        if opened is None:
             return
-        ready.set_result(None)
+        connection, channel, queue = opened
         inflight: dict[concurrent.futures.Future[None], tuple[Any, WorkItem]] = {}
         retry_at: list[tuple[float, Any, WorkItem]] = []
         acked = 0
