@@ -158,3 +158,33 @@ def test_concurrent_admissions_of_one_new_patient_make_one_patient(tmp_path: Pat
             assert len(store.search_patients(IPP, f"RACE-{i}")) == 1
     finally:
         store.dispose()
+
+
+def test_sqlite_reads_do_not_wait_for_the_writers_lock(tmp_path: Path) -> None:
+    """The reader pool's transactions begin deferred: under WAL a read runs while another
+    connection holds the write lock (they used to begin IMMEDIATE and queue behind it)."""
+    import asyncio
+    import time
+
+    from medcourier.engine.store import AsyncStore
+
+    store = Store(None, tmp_path)
+    store.create_schema()
+    saved = store.put_patient({"resourceType": "Patient", "name": [{"family": "LU"}]}, None)
+    writer = store.engine.connect()
+    writer.begin()  # BEGIN IMMEDIATE: the write lock is held until rollback
+    try:
+        reads = AsyncStore(store)
+
+        async def read() -> tuple[object, float]:
+            started = time.monotonic()
+            found = await reads.run(store.get_patient, saved["id"])
+            return found, time.monotonic() - started
+
+        found, took = asyncio.run(read())
+        assert found is not None and found["id"] == saved["id"]
+        assert took < 5  # the busy timeout is 30 s: a read waiting for the lock would take that
+    finally:
+        writer.rollback()
+        writer.close()
+        reads.close()
