@@ -30,11 +30,11 @@ from medcourier.engine.admin import (
     plan_replay,
     route_overview,
 )
-from medcourier.engine.broker import Broker, open_broker
 from medcourier.engine.config import Config, load_config
 from medcourier.engine.control import tx_set_route_state
 from medcourier.engine.model import Status
 from medcourier.engine.plugins import Plugins
+from medcourier.engine.service import route_broker, start_route_broker
 from medcourier.engine.store import AsyncStore, Store
 
 COMMANDS = ("replay", "cancel", "pause", "resume")
@@ -135,13 +135,6 @@ def _store(config: Config) -> Store:
     return store
 
 
-def _broker(config: Config) -> Broker:
-    # Opened and declared exactly as the engine does (engine/service.py): RabbitMQ refuses a
-    # queue declared again with other arguments.
-    s = config.settings
-    return open_broker(s.broker or "", s.instance, s.data_dir, quorum=s.quorum_queues)
-
-
 def _criteria(args: argparse.Namespace) -> ReplayCriteria:
     return ReplayCriteria(
         transaction_ids=tuple(args.transaction_ids),
@@ -200,9 +193,8 @@ async def _replay(args: argparse.Namespace, config: Config, plugins: Plugins) ->
             if not _confirm(len(rows)):
                 print("nothing was replayed")
                 return 1
-        broker = _broker(config)
-        parallel = [r.name for r in config.routes if r.settings.ordering == "parallel"]
-        await broker.start(routes, parallel)
+        broker = route_broker(config)
+        await start_route_broker(broker, config)
         try:
             # Plugins are told of the status changes here, as the engine tells them of its own.
             outcomes = await apply_replay(

@@ -51,6 +51,19 @@ ROLES = ("all", "api", "listener", "worker")
 ORPHAN_AFTER = timedelta(minutes=5)
 
 
+def route_broker(config: Config) -> Broker:
+    """The broker of a config's routes, not started yet (see ``start_route_broker``)."""
+    s = config.settings
+    return open_broker(s.broker or "", s.instance, s.data_dir, quorum=s.quorum_queues)
+
+
+async def start_route_broker(broker: Broker, config: Config) -> None:
+    """Start ``broker`` declaring the route queues exactly as every engine process does: RabbitMQ
+    refuses a queue declared again with other arguments, so tools (replay) must match."""
+    parallel = [r.name for r in config.routes if r.settings.ordering == "parallel"]
+    await broker.start([r.name for r in config.routes], parallel)
+
+
 class NoRouteError(Exception):
     """No route matches the document and there is no fallback route."""
 
@@ -85,9 +98,7 @@ class Engine:
         s = config.settings
         self.data_dir = s.data_dir
         self.store = AsyncStore(Store(s.store, s.data_dir))
-        self.broker: Broker = open_broker(
-            s.broker or "", s.instance, s.data_dir, quorum=s.quorum_queues
-        )
+        self.broker: Broker = route_broker(config)
         # RabbitMQ hands unacknowledged items back after a crash; the embedded queue does not.
         self.embedded = not (s.broker or "").startswith(("amqp://", "amqps://"))
         self.router = Router(config.routes)
@@ -117,8 +128,7 @@ class Engine:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         await self.store.run(self.store.sync.create_schema)
         names = [r.name for r in self.config.routes]
-        parallel = [r.name for r in self.config.routes if r.settings.ordering == "parallel"]
-        await self.broker.start(names, parallel)
+        await start_route_broker(self.broker, self.config)
         if role in ("all", "worker"):
             if self.embedded:
                 await self._rebuild_queues()

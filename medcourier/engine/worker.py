@@ -59,7 +59,6 @@ class RouteWorker:
         self._idle: asyncio.Queue[Sender] = asyncio.Queue()
         for sender in self._senders:
             self._idle.put_nowait(sender)
-        self.sender: Sender = self._senders[0]
         self.duplicates = 0
         # Transactions being handled here: a second copy of an item (a re-queued orphan landing
         # within a parallel route's window) is dropped instead of delivered alongside.

@@ -41,6 +41,7 @@ from medcourier.engine.api.resources import (
     resolve_document_reference,
     rpps_of,
 )
+from medcourier.engine.api.send_to_ehr import history_notes
 from medcourier.engine.content import default_title
 from medcourier.engine.errors import BrokerError
 from medcourier.engine.model import Status
@@ -179,9 +180,9 @@ async def create_communication_request(
         document_id,
         "CommunicationRequest.payload[0].contentReference",
     )
-    facts, content_type = await resolve_document_reference(engine, reference)
-    about = await resolve(engine, "Patient", facts.patient_id, "DocumentReference.subject")
-    if about.get("id") != patient.get("id"):  # ids compared after merges are followed
+    document = await resolve_document_reference(engine, reference)
+    facts, content_type = document.facts, document.content_type
+    if document.patient.get("id") != patient.get("id"):  # compared after merges are followed
         raise FhirError(
             422,
             f"DocumentReference/{document_id} is about Patient/{facts.patient_id}, "
@@ -195,9 +196,10 @@ async def create_communication_request(
         await resolve(engine, "Device", device, f"CommunicationRequest.recipient[{i}]")
     for device in active:
         await resolve(engine, "Device", device, "CommunicationRequest.extension")
+    # The CDA's author: the document's first author when a Practitioner, else the sender.
     author = sender_resource if sender[0] == "Practitioner" else None
-    if facts.author is not None and facts.author[0] == "Practitioner":
-        author = await resolve(engine, *facts.author, "DocumentReference.author")
+    if document.author is not None and document.author.get("resourceType") == "Practitioner":
+        author = document.author
     binary = await engine.store.run(engine.store.sync.get_binary, facts.binary_id)
     if binary is None:  # pruned between the two reads
         raise FhirError(
@@ -272,12 +274,7 @@ async def communications(
         ident = f"{txid}-{device or row.route.replace('_', '-')}"
         if only is not None and ident != only:
             continue
-        notes = [
-            f"{at.isoformat(timespec='milliseconds')} {status.value}"
-            + (f": {reason}" if reason else "")
-            for route, status, at, reason in history
-            if route == row.route
-        ]
+        notes = history_notes(history, row.route)
         out.append(_communication(ident, request_id, resource, row, device, notes))
     return out
 

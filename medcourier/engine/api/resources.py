@@ -360,7 +360,7 @@ class DocumentFacts:
     binary_id: str
     document_type: str
     title: str | None
-    author: tuple[str, str] | None
+    authors: tuple[tuple[str, str], ...]  # (type, id) of each author reference
 
 
 def document_facts(body: dict[str, Any]) -> DocumentFacts:
@@ -402,12 +402,10 @@ def document_facts(body: dict[str, Any]) -> DocumentFacts:
     authors = body.get("author", [])
     if not isinstance(authors, list):
         raise bad_field("DocumentReference.author", "must be a list of references")
-    author = None
-    for i, ref in enumerate(authors):
-        found = reference_of(
-            ref, f"DocumentReference.author[{i}]", ("Practitioner", "Organization")
-        )
-        author = author or found
+    author_refs = tuple(
+        reference_of(ref, f"DocumentReference.author[{i}]", ("Practitioner", "Organization"))
+        for i, ref in enumerate(authors)
+    )
     for field in ("indexed", "date", "created"):
         value = body.get(field)
         if value is not None and (not isinstance(value, str) or not DATE.fullmatch(value)):
@@ -435,17 +433,24 @@ def document_facts(body: dict[str, Any]) -> DocumentFacts:
         binary_id=m.group(1),
         document_type=loinc[0],
         title=title.strip() if isinstance(title, str) else None,
-        author=author,
+        authors=author_refs,
     )
 
 
-async def resolve_document_reference(
-    engine: Engine, body: dict[str, Any]
-) -> tuple[DocumentFacts, str]:
-    """Check a DocumentReference and everything it refers to; returns its facts and the
-    Binary's content type."""
+@dataclass(frozen=True)
+class ResolvedDocument:
+    """A checked DocumentReference with what its references resolved to."""
+
+    facts: DocumentFacts
+    content_type: str  # the Binary's
+    patient: dict[str, Any]  # the subject (the survivor, when it was merged)
+    author: dict[str, Any] | None  # the first author
+
+
+async def resolve_document_reference(engine: Engine, body: dict[str, Any]) -> ResolvedDocument:
+    """Check a DocumentReference and everything it refers to."""
     facts = document_facts(body)
-    await resolve(engine, "Patient", facts.patient_id, "DocumentReference.subject")
+    patient = await resolve(engine, "Patient", facts.patient_id, "DocumentReference.subject")
     if facts.encounter_id is not None:
         encounter = await resolve(
             engine, "Encounter", facts.encounter_id, "DocumentReference.context.encounter"
@@ -456,11 +461,10 @@ async def resolve_document_reference(
                 f"Encounter/{facts.encounter_id} does not belong to Patient/{facts.patient_id}",
                 expression="DocumentReference.context.encounter",
             )
-    for i, ref in enumerate(body.get("author", [])):
-        kind, ident = reference_of(
-            ref, f"DocumentReference.author[{i}]", ("Practitioner", "Organization")
-        )
+    authors = [
         await resolve(engine, kind, ident, f"DocumentReference.author[{i}]")
+        for i, (kind, ident) in enumerate(facts.authors)
+    ]
     content_type = await engine.store.run(engine.store.sync.binary_content_type, facts.binary_id)
     if content_type is None:
         raise unresolved(f"Binary/{facts.binary_id}", "DocumentReference.content[0].attachment.url")
@@ -471,7 +475,7 @@ async def resolve_document_reference(
             f"{declared!r} differs from the Binary's content type {content_type}",
             422,
         )
-    return facts, content_type
+    return ResolvedDocument(facts, content_type, patient, authors[0] if authors else None)
 
 
 @router.post("/fhir/DocumentReference")

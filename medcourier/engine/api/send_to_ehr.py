@@ -10,6 +10,7 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -245,6 +246,16 @@ async def send_to_ehr(
     )
 
 
+def history_notes(history: list[tuple[str, Status, datetime, str | None]], route: str) -> list[str]:
+    """A delivery's status history as Communication notes: time, status, reason."""
+    return [
+        f"{at.isoformat(timespec='milliseconds')} {status.value}"
+        + (f": {reason}" if reason else "")
+        for on, status, at, reason in history
+        if on == route
+    ]
+
+
 def communication(row: DeliveryRow, notes: list[str]) -> dict[str, Any]:
     resource: dict[str, Any] = {
         "resourceType": "Communication",
@@ -283,12 +294,7 @@ async def tracking(request: Request, _p: Principal = Depends(require("SEND_TO_EH
         history = await engine.store.run(engine.store.sync.history, txid)
         entries = []
         for row in rows:
-            notes = [
-                f"{at.isoformat(timespec='milliseconds')} {status.value}"
-                + (f": {reason}" if reason else "")
-                for route, status, at, reason in history
-                if route == row.route
-            ]
+            notes = history_notes(history, row.route)
             entries.append({"resource": communication(row, notes)})
     return fhir_response(
         {"resourceType": "Bundle", "type": "collection", "total": len(entries), "entry": entries}
