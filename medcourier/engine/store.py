@@ -32,6 +32,7 @@ from medcourier.engine.directory import (
 )
 from medcourier.engine.inbound import DirectoryUpdate
 from medcourier.engine.model import Document, Status
+from medcourier.engine.payload_read import read_payload
 from medcourier.engine.resources import ResourceStore
 from medcourier.engine.schema import (
     deliveries,
@@ -303,12 +304,12 @@ class Store(DirectoryStore, ResourceStore):
         return Claim(previous, self._document(c, transaction_id), row[1])
 
     def _document(self, c: Connection, transaction_id: str) -> Document:
+        """The document as a format renders it; a large payload is read without a second copy
+        of it in memory (engine/payload_read.py), the size recorded at acceptance telling."""
         doc = c.execute(
             sa.select(documents).where(documents.c.transaction_id == transaction_id)
         ).one()
-        payload = c.execute(
-            sa.select(payloads.c.data).where(payloads.c.transaction_id == transaction_id)
-        ).scalar_one()
+        payload = read_payload(c, transaction_id, int(doc.payload_size))
         patient = live_patient_resource(c, doc.patient_id) or {
             "resourceType": "Patient",
             "id": doc.patient_id,
@@ -322,7 +323,7 @@ class Store(DirectoryStore, ResourceStore):
             content_type=doc.content_type,
             document_type=doc.document_type,
             title=doc.title,
-            payload=bytes(payload),
+            payload=payload,
             patient=patient,
             encounter=encounter,
             sender_identifier=doc.sender_identifier,

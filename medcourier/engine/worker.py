@@ -23,7 +23,7 @@ from medcourier.engine.clock import now
 from medcourier.engine.config import Route
 from medcourier.engine.control import RouteControl
 from medcourier.engine.errors import BrokerError, RenderError
-from medcourier.engine.model import DeliveryResult, Document, Outcome, Status
+from medcourier.engine.model import DeliveryResult, Document, Outcome, Rendered, Status
 from medcourier.engine.plugins import FormatType, Plugins, Sender
 from medcourier.engine.store import AsyncStore
 
@@ -139,6 +139,8 @@ class RouteWorker:
             self._changed(item.transaction_id, claim.previous, Status.IN_PROGRESS, None)
         # Handed over in a list that _process empties: no frame but its own keeps the document,
         # so a large payload is freed once rendered instead of staying for the whole delivery.
+        # A streamed rendering (a large ORU) keeps the payload itself and no Base64 of it: the
+        # payload is then the one copy in memory, its Base64 made a slice at a time as it is sent.
         held, replay_mode = [claim.document], claim.replay_mode
         del claim
         async with self._link() as sender:
@@ -202,6 +204,8 @@ class RouteWorker:
             )
             return
         del document  # only the rendering is needed from here on
+        if rendered.streamed:  # large documents only: no coroutine call for the others
+            await self._whole_unless_streamed(sender, rendered)
         if stored is not None:
             log.info(
                 "resending the stored rendering",
@@ -219,6 +223,19 @@ class RouteWorker:
             await self._record_outcome(item, Status.COMPLETED, reason, sent_at=now())
         else:
             await self._record_outcome(item, Status.ENTERED_IN_ERROR, result.reason)
+
+    @staticmethod
+    async def _whole_unless_streamed(sender: Sender, rendered: Rendered) -> None:
+        """Build a streamed rendering's bytes on a thread when the connector needs them whole.
+
+        A format renders a large document in parts (the ORU's Base64 is made as it is sent), which
+        keeps one copy of the payload in memory for a connector that writes as it goes: such a
+        connector says so with ``streams_renderings = True`` (MLLP). Any other reads
+        ``rendered.data``, and building megabytes of Base64 there, on the event loop, would stall
+        it: it is built here on a thread, as the whole rendering was before formats streamed.
+        """
+        if not getattr(sender, "streams_renderings", False):
+            await asyncio.to_thread(lambda: rendered.data)
 
     async def _precheck(self, item: WorkItem, document: Document, sender: Sender) -> bool:
         """Ask the destination whether it can take this document at all, before rendering.

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -26,7 +28,7 @@ from medcourier.channels.mllp.framing import (
     read_frame,
     stream_limit,
 )
-from medcourier.engine.model import DeliveryResult, Rendered
+from medcourier.engine.model import DeliveryResult, Part, Rendered
 
 MAX_ACK_SIZE = 1024 * 1024
 """An ACK is a few hundred bytes; anything past 1 MiB is not one and is not worth buffering."""
@@ -92,7 +94,12 @@ class MllpSender:
 
     Deliveries on one sender are serialized by a lock: MLLP has no correlation beyond MSA-2,
     so two frames in flight on one connection could not be told apart reliably.
+
+    It writes a streamed rendering as its chunks come (``streams_renderings``, read by the
+    worker): a large ORU's Base64 is made a slice at a time into the socket, never whole.
     """
+
+    streams_renderings = True
 
     def __init__(self, options: MllpOptions) -> None:
         self.options = options
@@ -126,8 +133,8 @@ class MllpSender:
             await self._drop()
 
     async def _exchange(self, rendered: Rendered) -> DeliveryResult:
-        data = rendered.data
-        if START_BLOCK in data or END_BLOCK in data:
+        parts = rendered.parts
+        if _holds_block_character(parts):
             # The rendering itself is unsendable: retrying the same bytes cannot help.
             return DeliveryResult.rejected(
                 "cannot send over MLLP: message contains an MLLP block character (0x0b or 0x1c)"
@@ -139,7 +146,10 @@ class MllpSender:
         try:
             # The timeout covers the write too: a peer that stops reading blocks drain().
             async with asyncio.timeout(self.options.ack_timeout):
-                await _write_frame(writer, data)
+                if len(parts) == 1 and isinstance(parts[0], bytes):  # built whole: most messages
+                    await _write_frame(writer, parts[0])
+                else:
+                    await _write_chunks(writer, rendered.chunks())
                 answer = await read_frame(reader, MAX_ACK_SIZE)
             ack = parse_ack(answer)
         except TimeoutError:
@@ -207,15 +217,47 @@ def _describe(exc: BaseException) -> str:
 WRITE_SLICE = 1024 * 1024
 
 
+def _holds_block_character(parts: tuple[Part, ...]) -> bool:
+    """Whether the message holds 0x0b or 0x1c, which would break its frame.
+
+    A streamed rendering is checked part by part without being built: its Base64 parts cannot
+    hold either byte (their alphabet is ``A-Z a-z 0-9 + / =``), only its fixed parts can.
+    """
+    for part in parts:
+        if isinstance(part, bytes) and (START_BLOCK in part or END_BLOCK in part):
+            return True
+    return False
+
+
 async def _write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
     if len(data) <= WRITE_SLICE:
         writer.write(START_BLOCK + data + END_SEQUENCE)  # one send for the usual small message
         await writer.drain()
         return
-    view = memoryview(data)
     writer.write(START_BLOCK)
+    await _write_slices(writer, data)
+    writer.write(END_SEQUENCE)
+    await writer.drain()
+
+
+async def _write_chunks(writer: asyncio.StreamWriter, chunks: Iterator[bytes]) -> None:
+    """Send a streamed rendering, drained chunk by chunk, so that at most a chunk of it (1 MiB
+    of Base64, encoded here on the event loop in about a millisecond) is in memory beside the
+    payload. Small neighbours are joined before they go (the block start with the message
+    head, the tail with the block end) rather than sent as packets of their own."""
+    pending = START_BLOCK
+    for chunk in itertools.chain(chunks, (END_SEQUENCE,)):
+        if len(pending) + len(chunk) <= WRITE_SLICE:
+            pending += chunk
+            continue
+        await _write_slices(writer, pending)
+        pending = chunk
+    await _write_slices(writer, pending)
+
+
+async def _write_slices(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """Write ``data`` in drained slices of at most :data:`WRITE_SLICE` (views, not copies)."""
+    view = memoryview(data)
     for start in range(0, len(view), WRITE_SLICE):
         writer.write(view[start : start + WRITE_SLICE])
         await writer.drain()
-    writer.write(END_SEQUENCE)
-    await writer.drain()

@@ -16,6 +16,11 @@ did not write the message.
 
 Values taken from FHIR resources are free text and go through :func:`escape`; the Base64 payload
 does not, since its alphabet holds no HL7 delimiter and it may weigh tens of megabytes.
+
+A payload above :data:`STREAM_ABOVE` is not encoded at render time: the rendering carries the
+message up to OBX-5's data, the payload itself (as a :class:`Base64Part`) and the rest, and the
+Base64 is produced slice by slice while the MLLP client sends it. The bytes are the same as the
+whole rendering's (``Rendered.data`` builds them on demand for connectors that need them).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medcourier.engine.errors import RenderError
-from medcourier.engine.model import Document, Issue, Rendered
+from medcourier.engine.model import Base64Part, Document, Issue, Rendered
 from medcourier.engine.plugins import FormatType, hookimpl
 from medcourier.transforms.fhir_json import as_dict, as_dicts, as_str, as_strs, first_of
 from medcourier.transforms.hl7v2.escape import escape
@@ -99,6 +104,12 @@ _MESSAGE_STRUCTURE: dict[str, str] = {"ORU^R01": "ORU_R01", "MDM^T02": "MDM_T02"
 # TXA-17 (table 0271) and TXA-19 (table 0273) of an MDM^T02; see txa_segment() for the reasons.
 _TXA_COMPLETION_STATUS = "AU"
 _TXA_AVAILABILITY_STATUS = "AV"
+
+# Above this payload size the rendering is given as parts (head, the payload's Base64 made slice
+# by slice as it is sent, tail) instead of whole: a 50 MB PDF would otherwise be held twice, as
+# bytes and as 67 MB of Base64. Below it, building the message whole is cheaper and lets the MLLP
+# client send it with one write; most documents are a few kilobytes.
+STREAM_ABOVE = 1024 * 1024
 
 # MSH-10 must come back verbatim in the receiver's ACK (MSA-2) to be matched with the delivery,
 # so it is never escaped: one that would need escaping is refused instead.
@@ -226,7 +237,7 @@ def validate(document: Document, options: OruOptions | None = None) -> list[Issu
 
 def render(document: Document, options: OruOptions | None = None) -> Rendered:
     """Render ``document`` as one ORU^R01 or MDM^T02 message (``options.message_type``), UTF-8
-    encoded.
+    encoded; in parts, its Base64 not yet made, when the payload is above :data:`STREAM_ABOVE`.
 
     :raises RenderError: the content type has no ED type, MSH-10 would be invalid, or the
         sender identifier is not an RPPS.
@@ -273,9 +284,16 @@ def render(document: Document, options: OruOptions | None = None) -> Rendered:
     if not (msh.isascii() and body.isascii() and obx_tail.isascii()):
         msh += "||||||UNICODE UTF-8"
 
-    data = splice_base64(f"{msh}\r{body}".encode(), document.payload, f"{obx_tail}\r".encode())
+    head_bytes, tail_bytes = f"{msh}\r{body}".encode(), f"{obx_tail}\r".encode()
+    if len(document.payload) > STREAM_ABOVE:
+        return Rendered.from_parts(
+            (head_bytes, Base64Part(document.payload), tail_bytes),
+            MEDIA_TYPE,
+            f"{control_id}.hl7",
+            control_id,
+        )
     return Rendered(
-        data=data,
+        data=splice_base64(head_bytes, document.payload, tail_bytes),
         media_type=MEDIA_TYPE,
         filename_hint=f"{control_id}.hl7",
         message_id=control_id,

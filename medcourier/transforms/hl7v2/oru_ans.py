@@ -51,7 +51,7 @@ from pydantic import (
 )
 
 from medcourier.engine.errors import RenderError
-from medcourier.engine.model import Document, Issue, Rendered
+from medcourier.engine.model import Base64Part, Document, Issue, Rendered
 from medcourier.engine.plugins import FormatType, hookimpl
 from medcourier.transforms.cda.dmp import (
     RPPS_PREFIX,
@@ -69,6 +69,7 @@ from medcourier.transforms.fhir_json import as_dict, as_dicts, as_str
 from medcourier.transforms.hl7v2.escape import escape
 from medcourier.transforms.hl7v2.oru import (
     MEDIA_TYPE,
+    STREAM_ABOVE,
     OruOptions,
     control_id_problem,
     hl7_timestamp,
@@ -550,11 +551,18 @@ def render_message(
     tail.extend(_participations(document, options, identity))
     tail.extend(_metadata_segments(options, coded_type="CWE" if mdm else "CE", text_type=text_type))
 
+    head_bytes, tail_bytes = "\r".join(head).encode(), ("\r".join(tail) + "\r").encode()
+    if len(cda) > STREAM_ABOVE:
+        # A large CDA (it carries the PDF) stays as it is, its Base64 made slice by slice while
+        # the message is sent, as the ORU format does: the rendering then holds the CDA alone,
+        # not the CDA and a Base64 copy of it a third larger.
+        return Rendered.from_parts(
+            (head_bytes, Base64Part(cda), tail_bytes), MEDIA_TYPE, f"{control_id}.hl7", control_id
+        )
     # The CDA is Base64-encoded slice by slice straight into the output, as the CDA module does
-    # for its own body, so a 50 MB PDF is not held a third time as one Base64 string.
-    data = splice_base64("\r".join(head).encode(), cda, ("\r".join(tail) + "\r").encode())
+    # for its own body, so the Base64 is never held apart from the message.
     return Rendered(
-        data=data,
+        data=splice_base64(head_bytes, cda, tail_bytes),
         media_type=MEDIA_TYPE,
         filename_hint=f"{control_id}.hl7",
         message_id=control_id,
