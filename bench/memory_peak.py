@@ -14,7 +14,8 @@ the delivery's alone (claim and payload read, render, MLLP send). The phases wou
 only be told apart by time, and the worker takes the document the moment it is committed.
 
 Prints one table: resident memory when idle, the whole run's peak and its ratio to the
-document, then the accepting and delivering phases' peaks.
+document (of the absolute peak, and of the peak above idle), then the accepting and delivering
+phases' peaks.
 
     .venv/bin/python bench/memory_peak.py
     .venv/bin/python bench/memory_peak.py --backend both --size 10485760

@@ -30,6 +30,13 @@ class Sender(Protocol):
     the worker calls it after validation and before rendering, for destinations with a
     precondition of their own (the DMP must be open for the patient). Accepted goes on, rejected
     ends the delivery with the reason, retry is retried with the route's policy.
+
+    A Sender that writes a rendering as it goes, reading :meth:`Rendered.chunks` and never
+    ``Rendered.data``, says so with a class attribute ``streams_renderings = True`` (MLLP does):
+    a large rendering then reaches it in parts (the ORU's Base64 made a slice at a time) and is
+    never whole in memory. For any other Sender the worker builds ``data`` first, on a thread, so
+    reading it in ``deliver`` costs the event loop nothing; ``rendered.size`` gives the length
+    without building it.
     """
 
     async def deliver(self, rendered: Rendered) -> DeliveryResult: ...

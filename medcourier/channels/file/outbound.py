@@ -181,7 +181,7 @@ class FileSender:
                 f"already written as {path}", path=str(path), duplicate=True
             )
         return DeliveryResult.accepted(
-            f"written to {path}", path=str(path), size=len(rendered.data), duplicate=False
+            f"written to {path}", path=str(path), size=rendered.size, duplicate=False
         )
 
     def file_name(self, rendered: Rendered) -> str:

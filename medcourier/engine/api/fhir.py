@@ -8,11 +8,14 @@ capitals, so we send the FHIR codes and keep the seed's diagnostics texts word f
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+
+from medcourier.engine.buffers import presized_buffer
 
 FHIR_JSON = "application/fhir+json"
 
@@ -107,46 +110,84 @@ async def fhir_error_handler(_request: Request, exc: Exception) -> Response:
     )
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """Read the body within ``limit`` bytes, or answer 413.
+def _too_large(limit: int) -> FhirError:
+    return FhirError(
+        413, f"The request body is larger than the limit of {limit} bytes", code="too-costly"
+    )
+
+
+async def read_body_buffer(request: Request, limit: int) -> io.BytesIO:
+    """Read the body within ``limit`` bytes into a buffer, or answer 413.
 
     The body is read in chunks and the read stops at the limit, so a client cannot make the
-    engine buffer more than ``limit`` bytes by lying about (or omitting) Content-Length.
+    engine buffer more than ``limit`` bytes by lying about (or omitting) Content-Length. Each
+    chunk is copied into one buffer and let go: a declared Content-Length sizes the buffer once
+    when the first chunk arrives (engine/buffers.py), so a large body is held once, never as a
+    list of chunks beside their join. A length that lies costs no more than the limit (a larger
+    one is refused before reading): the limit is checked against what arrives, and the buffer
+    is cut to it.
+
+    The buffer holds exactly the body (``getvalue()`` hands it over without a copy); its owner
+    may also decode it in place (api/large_json.py).
     """
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise FhirError(
-            413, f"The request body is larger than the limit of {limit} bytes", code="too-costly"
-        )
-    chunks: list[bytes] = []
+    expected = int(declared) if declared and declared.isascii() and declared.isdigit() else None
+    if expected is not None and expected > limit:
+        raise _too_large(limit)
+    out: io.BytesIO | None = None
     size = 0
     async for chunk in request.stream():
+        if not chunk:
+            continue
         size += len(chunk)
         if size > limit:
-            raise FhirError(
-                413,
-                f"The request body is larger than the limit of {limit} bytes",
-                code="too-costly",
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
+            raise _too_large(limit)
+        if out is None:  # sized when the body starts, not by a header alone
+            out = presized_buffer(max(expected or 0, len(chunk)))
+        out.write(chunk)
+    if out is None:
+        return io.BytesIO()
+    out.truncate()
+    return out
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """Read the body within ``limit`` bytes and parse it as JSON, or answer 413 / 400."""
-    body = await read_body(request, limit)
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body within ``limit`` bytes (see :func:`read_body_buffer`), or a 413."""
+    return (await read_body_buffer(request, limit)).getvalue()
+
+
+_DECODER = json.JSONDecoder()
+"""What ``json.loads`` uses when given no options (its private ``_default_decoder``)."""
+
+
+def parse_json(buffer: io.BytesIO) -> Any:
+    """The body in ``buffer`` as JSON, or a 400; the buffer is consumed (closed).
+
+    Exactly ``json.loads(body)``, answers and errors alike, but the body's bytes are let go
+    once decoded to text, before the parse builds its values: a large body is held as bytes
+    and text, then as text and values, never all three at once.
+    """
+    body = buffer.getvalue()
+    buffer.close()
     if not body:
         raise FhirError(
             400, "The request body is empty: a FHIR JSON resource is expected", code="structure"
         )
     try:
-        return json.loads(body)
+        text = body.decode(json.detect_encoding(body), "surrogatepass")
+        del body
+        return _DECODER.decode(text)
     except RecursionError as exc:
         raise FhirError(400, "The request body nests JSON too deeply", code="structure") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise FhirError(
             400, f"The request body is not valid JSON: {exc}", code="structure"
         ) from exc
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """Read the body within ``limit`` bytes and parse it as JSON, or answer 413 / 400."""
+    return parse_json(await read_body_buffer(request, limit))
 
 
 def searchset(resources: list[dict[str, Any]], base_url: str) -> dict[str, Any]:

@@ -6,9 +6,10 @@ before anything is stored or queued: a refused request leaves no trace but its l
 
 from __future__ import annotations
 
-import base64
 import binascii
+import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,7 +18,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from medcourier.engine.api.auth import Principal, require
-from medcourier.engine.api.fhir import FhirError, fhir_response, not_queued, read_json
+from medcourier.engine.api.fhir import (
+    FhirError,
+    fhir_response,
+    not_queued,
+    parse_json,
+    read_body_buffer,
+)
+from medcourier.engine.api.large_json import decode_in_place
 from medcourier.engine.content import (
     CONTENT_TYPES,
     default_title,
@@ -97,7 +105,7 @@ def _reference(value: str, expected: str) -> str:
 
 
 def _payload(value: str, limit: int) -> bytes:
-    compact = "".join(value.split())
+    compact = "".join(value.split())  # the same str when there is no whitespace
     if not compact:
         raise FhirError(
             400, "Parameter 'payload' is empty: the document in base64 is required", code="required"
@@ -107,7 +115,8 @@ def _payload(value: str, limit: int) -> bytes:
             413, f"The document is larger than the limit of {limit} bytes", code="too-costly"
         )
     try:
-        data = base64.b64decode(compact, validate=True)
+        # base64.b64decode(compact, validate=True), errors and all, without its ASCII copy
+        data = binascii.a2b_base64(compact, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
         raise FhirError(
             400, f"Parameter 'payload' is not valid base64: {exc}", code="invalid"
@@ -121,6 +130,40 @@ def _payload(value: str, limit: int) -> bytes:
     return data
 
 
+def _payload_fits(limit: int) -> Callable[[int, int], bool]:
+    """Whether :func:`_payload` takes base64 of ``characters`` (without whitespace) that decodes
+    to ``size`` bytes: its checks other than the decoding's own."""
+
+    def fits(characters: int, size: int) -> bool:
+        return characters > 0 and characters // 4 * 3 <= limit + 3 and 0 < size <= limit
+
+    return fits
+
+
+def _payload_at(body: Any, marker: str) -> bool:
+    """Whether ``marker`` is the valueString of a parameter named payload."""
+    params = body.get("parameter") if isinstance(body, dict) else None
+    return isinstance(params, list) and any(
+        isinstance(p, dict) and p.get("name") == "payload" and p.get("valueString") == marker
+        for p in params
+    )
+
+
+def read_request(buffer: io.BytesIO, limit: int) -> _Checked:
+    """The body in ``buffer`` (consumed) checked as the operation's parameters.
+
+    A large payload is decoded where it lies in the body's buffer (api/large_json.py), which
+    then holds the document instead of the body; any body that path is not certain of is
+    parsed whole. Both give the same answer, refusals word for word.
+    """
+    lifted = decode_in_place(buffer, _payload_at, _payload_fits(limit))
+    if lifted is None:
+        return check(_parameters(parse_json(buffer)), limit)
+    body, payload = lifted
+    del lifted
+    return check(_parameters(body), limit, payload)
+
+
 @dataclass(frozen=True)
 class _Checked:
     patient_id: str
@@ -132,8 +175,11 @@ class _Checked:
     payload: bytes
 
 
-def check(params: dict[str, Any], limit: int) -> _Checked:
-    """Every syntactic check of the seed's parameters (references are resolved later)."""
+def check(params: dict[str, Any], limit: int, decoded: bytes | None = None) -> _Checked:
+    """Every syntactic check of the seed's parameters (references are resolved later).
+
+    ``decoded`` is the payload already decoded, when the parameter is only its stand-in.
+    """
     if "subject" not in params:
         raise FhirError(
             400, "Parameter 'subject' is required: a reference to Patient/<id>", code="required"
@@ -174,7 +220,7 @@ def check(params: dict[str, Any], limit: int) -> _Checked:
         raise FhirError(
             400, "Parameter 'payload' is required: the document in base64", code="required"
         )
-    payload = _payload(params["payload"], limit)
+    payload = _payload(params["payload"], limit) if decoded is None else decoded
     actual = sniff(payload)
     if actual != content_type:
         seen = f"it looks like {actual}" if actual else "its type is not recognised"
@@ -201,7 +247,7 @@ async def send_to_ehr(
     engine: Engine = request.app.state.engine
     limit = engine.config.settings.limits.max_document_bytes
     body_limit = min(engine.config.settings.http.max_body_bytes, limit * 4 // 3 + BODY_OVERHEAD)
-    checked = check(_parameters(await read_json(request, body_limit)), limit)
+    checked = read_request(await read_body_buffer(request, body_limit), limit)
     patient = await engine.store.run(engine.store.sync.get_patient, checked.patient_id)
     if patient is None:
         raise invalid_reference(f"Patient/{checked.patient_id}")
@@ -216,20 +262,27 @@ async def send_to_ehr(
                 422,
                 f"Encounter/{checked.encounter_id} does not belong to Patient/{checked.patient_id}",
             )
+    document_type = checked.document_type
+    submission = [
+        SubmitRequest(
+            patient_id=checked.patient_id,
+            encounter_id=checked.encounter_id,
+            content_type=checked.content_type,
+            document_type=document_type,
+            title=checked.title,
+            sender_identifier=checked.sender_identifier,
+            sender_application=principal.name,
+            payload=checked.payload,
+            organizations=organizations(patient, encounter),
+        )
+    ]
+    # From here the request alone holds the document, and submit alone holds the request
+    # (popped into the call): it lets the document go once stored, while a worker may already
+    # be reading it back to deliver it.
+    del checked
     try:
         txid = await engine.submit(
-            SubmitRequest(
-                patient_id=checked.patient_id,
-                encounter_id=checked.encounter_id,
-                content_type=checked.content_type,
-                document_type=checked.document_type,
-                title=checked.title,
-                sender_identifier=checked.sender_identifier,
-                sender_application=principal.name,
-                payload=checked.payload,
-                organizations=organizations(patient, encounter),
-            ),
-            lambda txid: default_title(patient, checked.document_type, txid),
+            submission.pop(), lambda txid: default_title(patient, document_type, txid)
         )
     except NoRouteError as exc:
         raise FhirError(422, str(exc), code="not-found") from exc
