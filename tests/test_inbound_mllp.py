@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from hl7.mllp import open_hl7_connection
 
 from medcourier.channels.mllp.simulator import EhrSimulator
 from tests.harness import LoopThread, Running, eventually, pdf_bytes, running_engine
+from tests.services import fresh_postgres_url
 
 ADT_A01 = (
     "MSH|^~\\&|ADT|HOSPA|MEDCOURIER|MC|20261121120000||ADT^A01^ADT_A01|{cid}|P|2.5|||||FRA|"
@@ -126,6 +128,40 @@ def test_a_resent_message_is_acked_and_not_processed_twice(
     assert _msa(first[0]) == _msa(again[0]) == ("AA", "ORU-2")
     eventually(lambda: len(hospa.received) == 1, 20, "delivery")
     assert eng.document_count() == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_resent_adt_is_a_duplicate_whatever_it_says_now(
+    lt: LoopThread, tmp_path: Path, backend: str
+) -> None:
+    """The dedupe check of an ADT is part of its directory write: a resend, even changed or now
+    wrong, is answered AA as a duplicate and applies nothing; another control id applies."""
+    ipp = f"IPP-{uuid.uuid4().hex[:10]}"
+    first = ADT_A01.format(cid=f"{ipp}-1").replace("IPP-900", ipp)
+    changed = first.replace("Lévêque\\S\\Test", "Changed")
+    wrong = first.replace(f"PID|1||{ipp}^^^HOSPA&1.2.250.1.999.1&ISO^PI||", "PID|1||||")
+    other = changed.replace(f"|{ipp}-1|", f"|{ipp}-2|")
+    assert len({first, changed, wrong, other}) == 4
+    listener = {"name": "hl7-in", "channel": "mllp", "host": "127.0.0.1", "port": 0}
+    store = fresh_postgres_url() if backend == "postgresql" else None
+    with running_engine(lt, tmp_path, inbound=[listener], store=store) as eng:
+        acks = lt.run(_exchange(_port(eng), [first, changed, wrong]))
+        assert [_msa(a) for a in acks] == [("AA", f"{ipp}-1")] * 3
+        texts = [str(a.segment("MSA")[3]) for a in acks]
+        assert texts == ["", "duplicate of an accepted message", "duplicate of an accepted message"]
+
+        def patient() -> dict[str, Any]:
+            found = eng.http.get("/fhir/Patient", params={"identifier": ipp}).json()
+            assert found["total"] == 1
+            resource: dict[str, Any] = found["entry"][0]["resource"]
+            return resource
+
+        assert patient()["name"][0]["family"] == "Lévêque^Test"
+        assert patient()["meta"]["versionId"] == "1"
+        (ack,) = lt.run(_exchange(_port(eng), [other]))
+        assert _msa(ack) == ("AA", f"{ipp}-2")
+        assert patient()["name"][0]["family"] == "Changed"
+        assert patient()["meta"]["versionId"] == "2"
 
 
 def test_a_bad_message_gets_ae_with_err_and_the_connection_stays_usable(

@@ -43,6 +43,7 @@ from medcourier.engine.clock import now
 from medcourier.engine.control import queued_counts, read_route_states
 from medcourier.engine.errors import BrokerError
 from medcourier.engine.model import Rendered, Status
+from medcourier.engine.payload_write import insert_row
 from medcourier.engine.schema import deliveries, documents, renderings, status_events
 from medcourier.engine.store import AsyncStore, Store
 
@@ -457,20 +458,21 @@ def tx_keep_rendering(c: Connection, transaction_id: str, route: str, rendered: 
     """Store ``rendered`` as the delivery's rendering, replacing an older one."""
     key = (renderings.c.transaction_id == transaction_id, renderings.c.route == route)
     c.execute(renderings.delete().where(*key))
-    c.execute(
-        renderings.insert().values(
-            transaction_id=transaction_id,
-            route=route,
-            data=rendered.data,
-            media_type=rendered.media_type,
-            filename_hint=rendered.filename_hint,
-            message_id=rendered.message_id,
-            companions=json.dumps(
-                {name: base64.b64encode(data).decode() for name, data in rendered.companions}
-            ),
-            created_at=now(),
-        )
-    )
+    # Values as parameters, through insert_row: a value inside the statement would stay in
+    # SQLAlchemy's statement cache, and a large rendering is written without a copy.
+    row = {
+        "transaction_id": transaction_id,
+        "route": route,
+        "data": rendered.data,
+        "media_type": rendered.media_type,
+        "filename_hint": rendered.filename_hint,
+        "message_id": rendered.message_id,
+        "companions": json.dumps(
+            {name: base64.b64encode(data).decode() for name, data in rendered.companions}
+        ),
+        "created_at": now(),
+    }
+    insert_row(c, renderings, row, "data")
 
 
 def replay_of(store: Store, transaction_id: str, route: str) -> tuple[str | None, Rendered | None]:

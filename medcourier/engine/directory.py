@@ -9,6 +9,7 @@ indexed lookups.
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections.abc import Iterable
@@ -146,8 +147,9 @@ class DirectoryStore:
         ``overwrite=False`` only creates: a result message's PID must not rewrite what the ADT
         feed, the directory's source of truth, recorded.
         """
-        pid = _patient_by_identifiers(c, identifiers_of(resource))
-        row = _live_patient(c, pid) if pid else None
+        sent = identifiers_of(resource)
+        found = _patient_row_by_identifiers(c, sent)
+        row = _live_patient(c, found.id, found) if found is not None else None
         if row is None:
             return _insert_patient(c, resource, organization)
         old = json.loads(row.resource)
@@ -155,21 +157,22 @@ class DirectoryStore:
             return dict(old)
         merged = {**old, **resource, "id": row.id}
         known = identifiers_of(old)
+        sent_keys = set(sent)
         extra = [
             i
             for i in (old.get("identifier") or [])
-            if (str(i.get("system") or ""), i.get("value")) not in set(identifiers_of(resource))
+            if (str(i.get("system") or ""), i.get("value")) not in sent_keys
         ]
         merged["identifier"] = list(resource.get("identifier") or []) + extra
         merged["meta"] = server_meta(int(old.get("meta", {}).get("versionId", "1")) + 1)
         c.execute(
-            patients.update()
-            .where(patients.c.id == row.id)
-            .values(
-                resource=json.dumps(merged),
-                organization=organization or row.organization,
-                updated_at=now(),
-            )
+            _UPDATE_PATIENT,
+            {
+                "b_id": row.id,
+                "b_resource": json.dumps(merged),
+                "b_organization": organization or row.organization,
+                "b_updated_at": now(),
+            },
         )
         new_ids = [x for x in identifiers_of(merged) if x not in known]
         if new_ids:
@@ -191,10 +194,10 @@ class DirectoryStore:
         resource = {**resource, "subject": {"reference": f"Patient/{patient_id}"}}
         if organization and "serviceProvider" not in resource:
             resource["serviceProvider"] = {"reference": organization}
-        eid = _encounter_by_identifiers(c, identifiers_of(resource))
-        if eid is None:
+        old_row = _encounter_row_by_identifiers(c, identifiers_of(resource))
+        if old_row is None:
             return _insert_encounter(c, resource, patient_id, organization)
-        old_row = c.execute(sa.select(encounters).where(encounters.c.id == eid)).one()
+        eid = old_row.id
         old = json.loads(old_row.resource)
         if not overwrite:
             return dict(old)
@@ -203,14 +206,14 @@ class DirectoryStore:
             merged["period"] = {**old.get("period", {}), **resource.get("period", {})}
         merged["meta"] = server_meta(int(old.get("meta", {}).get("versionId", "1")) + 1)
         c.execute(
-            encounters.update()
-            .where(encounters.c.id == eid)
-            .values(
-                resource=json.dumps(merged),
-                patient_id=patient_id,
-                organization=organization or old_row.organization,
-                updated_at=now(),
-            )
+            _UPDATE_ENCOUNTER,
+            {
+                "b_id": eid,
+                "b_resource": json.dumps(merged),
+                "b_patient_id": patient_id,
+                "b_organization": organization or old_row.organization,
+                "b_updated_at": now(),
+            },
         )
         return merged
 
@@ -277,9 +280,13 @@ def _insert_patient(
 ) -> dict[str, Any]:
     out = {**resource, "id": uuid.uuid4().hex, "meta": server_meta(1, resource.get("meta"))}
     c.execute(
-        patients.insert().values(
-            id=out["id"], organization=organization, resource=json.dumps(out), updated_at=now()
-        )
+        _INSERT_PATIENT,
+        {
+            "id": out["id"],
+            "organization": organization,
+            "resource": json.dumps(out),
+            "updated_at": now(),
+        },
     )
     rows = [{"patient_id": out["id"], "system": s, "value": v} for s, v in identifiers_of(out)]
     if rows:
@@ -292,13 +299,14 @@ def _insert_encounter(
 ) -> dict[str, Any]:
     out = {**resource, "id": uuid.uuid4().hex, "meta": server_meta(1, resource.get("meta"))}
     c.execute(
-        encounters.insert().values(
-            id=out["id"],
-            patient_id=patient_id,
-            organization=organization,
-            resource=json.dumps(out),
-            updated_at=now(),
-        )
+        _INSERT_ENCOUNTER,
+        {
+            "id": out["id"],
+            "patient_id": patient_id,
+            "organization": organization,
+            "resource": json.dumps(out),
+            "updated_at": now(),
+        },
     )
     rows = [{"encounter_id": out["id"], "system": s, "value": v} for s, v in identifiers_of(out)]
     if rows:
@@ -316,14 +324,16 @@ def live_patient_resource(c: Connection, patient_id: str) -> dict[str, Any] | No
     return json.loads(row.resource) if row is not None else None
 
 
-def _live_patient(c: Connection, patient_id: str) -> Any:
-    """The patient row, following merges to the survivor."""
+def _live_patient(c: Connection, patient_id: str, row: Any = None) -> Any:
+    """The patient row, following merges to the survivor; ``row``: that of ``patient_id``, when
+    the caller has already read it."""
     current = patient_id
     for _ in range(MAX_MERGE_CHAIN):
-        row = c.execute(sa.select(patients).where(patients.c.id == current)).first()
+        if row is None:
+            row = c.execute(sa.select(patients).where(patients.c.id == current)).first()
         if row is None or row.merged_into is None:
             return row
-        current = row.merged_into
+        current, row = row.merged_into, None
     return None
 
 
@@ -352,3 +362,78 @@ def _encounter_by_identifiers(c: Connection, idents: list[tuple[str, str]]) -> s
         if found:
             return str(found)
     return None
+
+
+# The ADT feed's statements, built once: building a Core statement costs more than running it
+# on SQLite (SQLAlchemy caches the compiled form, not the construction).
+_INSERT_PATIENT = patients.insert()
+_INSERT_ENCOUNTER = encounters.insert()
+_UPDATE_PATIENT = (
+    patients.update()
+    .where(patients.c.id == sa.bindparam("b_id"))
+    .values(
+        resource=sa.bindparam("b_resource", type_=patients.c.resource.type),
+        organization=sa.bindparam("b_organization", type_=patients.c.organization.type),
+        updated_at=sa.bindparam("b_updated_at", type_=patients.c.updated_at.type),
+    )
+)
+_UPDATE_ENCOUNTER = (
+    encounters.update()
+    .where(encounters.c.id == sa.bindparam("b_id"))
+    .values(
+        resource=sa.bindparam("b_resource", type_=encounters.c.resource.type),
+        patient_id=sa.bindparam("b_patient_id", type_=encounters.c.patient_id.type),
+        organization=sa.bindparam("b_organization", type_=encounters.c.organization.type),
+        updated_at=sa.bindparam("b_updated_at", type_=encounters.c.updated_at.type),
+    )
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _first_match(kind: str, count: int) -> sa.Select[Any]:
+    """The row (``patients`` or ``encounters``) carrying the first of ``count`` identifiers
+    (bound as ``value_<n>``, ``system_<n>``) that any row carries: one query, where looking
+    each identifier up in turn, then reading the row, took one per step.
+
+    Identifiers are ranked in the order given, as the lookups went; rows carrying the same
+    identifier come in whatever order the database has them, as with ``LIMIT 1`` before.
+    """
+    if kind == "patient":
+        table, identifiers, key = patients, patient_identifiers, patient_identifiers.c.patient_id
+    else:
+        table, identifiers = encounters, encounter_identifiers
+        key = encounter_identifiers.c.encounter_id
+    matches = [
+        sa.and_(
+            identifiers.c.value == sa.bindparam(f"value_{n}"),
+            identifiers.c.system == sa.bindparam(f"system_{n}"),
+        )
+        for n in range(count)
+    ]
+    rank = sa.case(*((match, n) for n, match in enumerate(matches)))
+    return (
+        sa.select(table)
+        .join(identifiers, key == table.c.id)
+        .where(sa.or_(*matches))
+        .order_by(rank)
+        .limit(1)
+    )
+
+
+def _first_row(c: Connection, kind: str, idents: list[tuple[str, str]]) -> Any:
+    if not idents:
+        return None
+    params = {}
+    for n, (system, value) in enumerate(idents):
+        params[f"value_{n}"], params[f"system_{n}"] = value, system
+    return c.execute(_first_match(kind, len(idents)), params).first()
+
+
+def _patient_row_by_identifiers(c: Connection, idents: list[tuple[str, str]]) -> Any:
+    """The patients row (merged or not) of the first of ``idents`` the directory knows."""
+    return _first_row(c, "patient", idents)
+
+
+def _encounter_row_by_identifiers(c: Connection, idents: list[tuple[str, str]]) -> Any:
+    """The encounters row of the first of ``idents`` the directory knows."""
+    return _first_row(c, "encounter", idents)

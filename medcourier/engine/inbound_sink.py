@@ -27,6 +27,7 @@ from medcourier.engine.inbound import (
     SinkUnavailable,
     Verdict,
 )
+from medcourier.engine.store import Duplicate
 
 if TYPE_CHECKING:
     from medcourier.engine.service import Engine
@@ -49,21 +50,12 @@ class EngineSink:
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
             raise SinkUnavailable(f"store unavailable: {type(exc).__name__}") from exc
 
-    async def _hl7_message(self, message: InboundMessage) -> InboundResult:
-        sender = f"{message.channel}|{message.sending_application}|{message.sending_facility}"
-        dedupe = (sender, message.control_id) if message.control_id else None
-        if dedupe is not None:
-            earlier = await self.store.run(self.store.sync.seen, *dedupe, self.window)
-            if earlier is not None:
-                log.info(
-                    "duplicate message", channel=message.channel, control_id=message.control_id
-                )
-                return InboundResult(
-                    Verdict.ACCEPT,
-                    "duplicate of an accepted message",
-                    transaction_ids=tuple(earlier),
-                    duplicate=True,
-                )
+    def interpret(
+        self, message: InboundMessage
+    ) -> DirectoryUpdate | MessageDocuments | InboundResult:
+        """What the message means, through the plugins (``medcourier_interpret_message``); an
+        ``InboundResult`` when they refuse it (AR: a type no plugin reads, or a trigger it does
+        not support) or find it wrong (AE, with the error's location). Stores nothing."""
         try:
             meaning = self.engine.plugins.hook.medcourier_interpret_message(message=message)
         except InboundRejected as exc:
@@ -74,21 +66,59 @@ class EngineSink:
             return InboundResult(
                 Verdict.REJECT, f"no plugin handles messages of type {message.message_type}"
             )
+        assert isinstance(meaning, DirectoryUpdate | MessageDocuments)
+        return meaning
+
+    async def _hl7_message(self, message: InboundMessage) -> InboundResult:
+        """Dedupe, interpret, apply. A message this sender already sent (same control id within
+        the window) is answered as a duplicate whatever it says now. For a directory update,
+        the most common message, the dedupe check is part of the update's own write rather than
+        a read before it; for the rest, it is read first, as it must be before routing."""
+        sender = f"{message.channel}|{message.sending_application}|{message.sending_facility}"
+        dedupe = (sender, message.control_id) if message.control_id else None
+        try:
+            meaning = self.interpret(message)
+        except Exception:
+            # A plugin's bug: a message accepted before it is still answered as accepted.
+            if dedupe is not None and (earlier := await self._seen(message, dedupe)):
+                return earlier
+            raise
         try:
             if isinstance(meaning, DirectoryUpdate):
-                await self.store.write(self.store.sync.tx_apply_directory_update, meaning, dedupe)
-                log.info(
-                    "directory updated",
-                    channel=message.channel,
-                    hl7_event=meaning.event,
-                    kind=meaning.kind,
-                    control_id=message.control_id,
-                )
-                return InboundResult(Verdict.ACCEPT)
-            assert isinstance(meaning, MessageDocuments)
+                return await self._directory_update(message, meaning, dedupe)
+            if dedupe is not None and (earlier := await self._seen(message, dedupe)):
+                return earlier
+            if isinstance(meaning, InboundResult):
+                return meaning
             return await self._documents(meaning, dedupe)
         except InboundError as exc:
             return InboundResult(Verdict.ERROR, exc.text, exc.location)
+
+    async def _seen(self, message: InboundMessage, dedupe: tuple[str, str]) -> InboundResult | None:
+        """The answer to a message already accepted within the window, None for a new one."""
+        earlier = await self.store.run(self.store.sync.seen, *dedupe, self.window)
+        return None if earlier is None else _duplicate(message, tuple(earlier))
+
+    async def _directory_update(
+        self, message: InboundMessage, update: DirectoryUpdate, dedupe: tuple[str, str] | None
+    ) -> InboundResult:
+        sync = self.store.sync
+        if dedupe is None:
+            await self.store.write(sync.tx_apply_directory_update, update, None)
+        else:
+            done = await self.store.write(
+                sync.tx_apply_directory_update_once, update, dedupe, self.window
+            )
+            if isinstance(done, Duplicate):
+                return _duplicate(message, done.transaction_ids)
+        log.info(
+            "directory updated",
+            channel=message.channel,
+            hl7_event=update.event,
+            kind=update.kind,
+            control_id=message.control_id,
+        )
+        return InboundResult(Verdict.ACCEPT)
 
     async def _documents(
         self, meaning: MessageDocuments, dedupe: tuple[str, str] | None
@@ -234,3 +264,13 @@ class EngineSink:
         except BrokerError as exc:
             # not an error of the message: let the channel hold it (no ACK, file stays)
             raise SinkUnavailable(f"queue unavailable: {exc}") from exc
+
+
+def _duplicate(message: InboundMessage, transaction_ids: tuple[str, ...]) -> InboundResult:
+    log.info("duplicate message", channel=message.channel, control_id=message.control_id)
+    return InboundResult(
+        Verdict.ACCEPT,
+        "duplicate of an accepted message",
+        transaction_ids=transaction_ids,
+        duplicate=True,
+    )

@@ -81,8 +81,8 @@ def _sqlite_blob(c: Connection, transaction_id: str) -> bytes:
         .select_from(payloads)
         .where(payloads.c.transaction_id == transaction_id)
     ).scalar_one()
-    raw = _driver_connection(c)
-    if not isinstance(raw, sqlite3.Connection):  # another SQLite driver: no blob handle
+    raw = sqlite_connection(c)
+    if raw is None:  # another SQLite driver: no blob handle
         return _plain(c, transaction_id)
     with raw.blobopen(payloads.name, payloads.c.data.name, rowid, readonly=True) as blob:
         return blob.read()
@@ -92,7 +92,7 @@ def _postgresql_slices(c: Connection, transaction_id: str, size: int) -> bytes:
     """The payload in :data:`PG_SLICE` slices, until a short one, written into a buffer made at
     the expected ``size`` (engine/buffers.py), which becomes the result without a copy."""
     out = presized_buffer(size)
-    with _driver_connection(c).cursor(binary=True) as cursor:
+    with driver_connection(c).cursor(binary=True) as cursor:
         while True:
             cursor.execute(_PG_SLICE_SQL, (out.tell() + 1, PG_SLICE, transaction_id))
             row = cursor.fetchone()
@@ -105,6 +105,14 @@ def _postgresql_slices(c: Connection, transaction_id: str, size: int) -> bytes:
                 return out.getvalue()
 
 
-def _driver_connection(c: Connection) -> Any:
+# Shared with the writes (engine/payload_write.py).
+def driver_connection(c: Connection) -> Any:
     """The DBAPI connection under ``c``, in ``c``'s transaction."""
     return c.connection.driver_connection
+
+
+def sqlite_connection(c: Connection) -> sqlite3.Connection | None:
+    """The standard library's SQLite connection under ``c`` (which has blob handles), None
+    under another SQLite driver."""
+    raw = driver_connection(c)
+    return raw if isinstance(raw, sqlite3.Connection) else None

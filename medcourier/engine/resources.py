@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from medcourier.engine.clock import now
 from medcourier.engine.directory import server_meta
+from medcourier.engine.payload_write import insert_row
 from medcourier.engine.schema import binaries, resources
 
 
@@ -61,13 +62,11 @@ class ResourceStore:
             return [r[0] for r in c.execute(q)]
 
     def tx_put_binary(self, c: Connection, content_type: str, data: bytes) -> dict[str, Any]:
-        """Keep a Binary's bytes; returns the Binary resource without its data."""
+        """Keep a Binary's bytes; returns the Binary resource without its data. Large bytes are
+        written without a copy of them in the driver (engine/payload_write.py)."""
         binary_id = uuid.uuid4().hex
-        c.execute(
-            binaries.insert().values(
-                id=binary_id, content_type=content_type, created_at=now(), data=data
-            )
-        )
+        row = {"id": binary_id, "content_type": content_type, "created_at": now(), "data": data}
+        insert_row(c, binaries, row, "data")
         return {
             "resourceType": "Binary",
             "id": binary_id,
@@ -92,13 +91,15 @@ def insert_resource(
     c: Connection, resource: dict[str, Any], transaction_id: str | None = None
 ) -> dict[str, Any]:
     out = {**resource, "id": uuid.uuid4().hex, "meta": server_meta(1, resource.get("meta"))}
+    # Values as execute parameters: SQLAlchemy's statement cache would keep the first statement's.
     c.execute(
-        resources.insert().values(
-            type=out["resourceType"],
-            id=out["id"],
-            resource=json.dumps(out),
-            created_at=now(),
-            transaction_id=transaction_id,
-        )
+        resources.insert(),
+        {
+            "type": out["resourceType"],
+            "id": out["id"],
+            "resource": json.dumps(out),
+            "created_at": now(),
+            "transaction_id": transaction_id,
+        },
     )
     return out

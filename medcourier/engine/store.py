@@ -12,9 +12,11 @@ allows); PostgreSQL several.
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,23 +24,27 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import NoResultFound
 
 from medcourier.engine.clock import now
 from medcourier.engine.directory import (
     DirectoryStore,
-    encounter_resource,
     live_patient_resource,
 )
 from medcourier.engine.inbound import DirectoryUpdate
 from medcourier.engine.model import Document, Status
-from medcourier.engine.payload_read import read_payload
+from medcourier.engine.payload_read import DIRECT_READ_BYTES, read_payload
+from medcourier.engine.payload_write import insert_payload
 from medcourier.engine.resources import ResourceStore
 from medcourier.engine.schema import (
     deliveries,
     documents,
+    encounters,
     inbound_log,
     metadata,
+    patients,
     payloads,
     status_events,
 )
@@ -81,6 +87,23 @@ class Claim:
     # Set by a replay (``admin.RESEND`` / ``admin.RERENDER``): read here, in the claim, so the
     # common case (no replay) costs no extra query.
     replay_mode: str | None = None
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    """One delivery's new status, for ``Store.tx_set_statuses``."""
+
+    transaction_id: str
+    status: Status
+    reason: str | None = None
+    sent_at: datetime | None = None
+
+
+# What the payloads of deliveries claimed ahead of their turn (``Store.tx_claim_batch``) may add
+# up to; each is at most DIRECT_READ_BYTES, larger ones are claimed on their own turn.
+AHEAD_BYTES = 8 * 1024 * 1024
+
+_FINAL = (Status.COMPLETED.value, Status.ENTERED_IN_ERROR.value)
 
 
 # pg_advisory_xact_lock key serialising directory updates ("mcdir" in ASCII).
@@ -170,24 +193,29 @@ class Store(DirectoryStore, ResourceStore):
         payload: bytes,
         routes: Iterable[str],
     ) -> None:
-        """Commit a document, its payload and one delivery per route (preparation) at once."""
+        """Commit a document, its payload and one delivery per route (preparation) at once.
+
+        The values go as execute parameters, never into the statements: SQLAlchemy's statement
+        cache would keep the first statement, payload included, for the process's life. A large
+        payload is written without a copy of it in the driver (engine/payload_write.py)."""
         at = now()
         route_list = list(routes)
         c.execute(
-            documents.insert().values(
-                transaction_id=transaction_id,
-                created_at=created_at,
-                content_type=content_type,
-                document_type=document_type,
-                title=title,
-                sender_identifier=sender_identifier,
-                sender_application=sender_application,
-                patient_id=patient_id,
-                encounter_id=encounter_id,
-                payload_size=len(payload),
-            )
+            documents.insert(),
+            {
+                "transaction_id": transaction_id,
+                "created_at": created_at,
+                "content_type": content_type,
+                "document_type": document_type,
+                "title": title,
+                "sender_identifier": sender_identifier,
+                "sender_application": sender_application,
+                "patient_id": patient_id,
+                "encounter_id": encounter_id,
+                "payload_size": len(payload),
+            },
         )
-        c.execute(payloads.insert().values(transaction_id=transaction_id, data=payload))
+        insert_payload(c, transaction_id, payload)
         c.execute(
             deliveries.insert(),
             [
@@ -237,14 +265,31 @@ class Store(DirectoryStore, ResourceStore):
         """Apply an ADT event in one transaction; returns (patient id, encounter id).
 
         Kind ``ensure`` (documents arriving by message) creates what is missing and changes
-        nothing that exists.
+        nothing that exists. ``dedupe`` is remembered with it, as ``tx_remember`` would.
         """
+        _lock_directory(c)
+        if dedupe is not None:
+            _remember(c, dedupe, [])
+        return self._directory_update(c, update)
+
+    def tx_apply_directory_update_once(
+        self, c: Connection, update: DirectoryUpdate, dedupe: tuple[str, str], window: timedelta
+    ) -> tuple[str, str | None] | Duplicate:
+        """``tx_apply_directory_update`` with ``dedupe`` remembered, unless this sender already
+        sent this message id within ``window`` (what ``seen`` tells): then nothing is applied
+        and the transaction ids remembered with it are returned as a :class:`Duplicate`.
+
+        The check and the remembering are one statement in the update's own transaction, after
+        the directory lock: no read before the write, and a resend racing its original waits
+        for it and is answered as its duplicate. A transaction that fails forgets both.
+        """
+        _lock_directory(c)
+        if not _remember_unless_seen(c, dedupe, window):
+            return Duplicate(_remembered(c, dedupe))
+        return self._directory_update(c, update)
+
+    def _directory_update(self, c: Connection, update: DirectoryUpdate) -> tuple[str, str | None]:
         overwrite = update.kind != "ensure"
-        if c.dialect.name == "postgresql":
-            # Find-then-insert by identifier races between writer threads: two admissions of
-            # the same new patient would create it twice. One transaction-scoped lock makes
-            # directory updates take turns (SQLite has a single writer already).
-            c.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": DIRECTORY_LOCK})
         patient = self.upsert_patient(c, update.patient, update.organization, overwrite)
         encounter_id = None
         if update.encounter is not None:
@@ -254,8 +299,6 @@ class Store(DirectoryStore, ResourceStore):
             encounter_id = encounter["id"]
         if update.merge_from:
             self.merge_patients(c, patient["id"], [(i.system, i.value) for i in update.merge_from])
-        if dedupe is not None:
-            _remember(c, dedupe, [])
         return patient["id"], encounter_id
 
     def transaction_exists(self, transaction_id: str) -> bool:
@@ -270,64 +313,86 @@ class Store(DirectoryStore, ResourceStore):
 
         Returns None when the delivery does not exist; ``Claim.document`` is None when the
         delivery is already final (a redelivered queue item), so the caller just acknowledges it.
+        Three statements: one read of the delivery with its document, payload, patient and
+        encounter (``_claim_read``), the update, the history row (``tx_claim_batch``).
         """
-        row = c.execute(
-            sa.select(deliveries.c.status, deliveries.c.replay_mode).where(
-                deliveries.c.transaction_id == transaction_id, deliveries.c.route == route
-            )
-        ).first()
-        if row is None:
-            return None
-        previous = Status(row[0])
-        if previous.is_final:
-            return Claim(previous, None)
-        at = now()
-        c.execute(
-            deliveries.update()
-            .where(deliveries.c.transaction_id == transaction_id, deliveries.c.route == route)
-            .values(
-                status=Status.IN_PROGRESS.value,
-                status_at=at,
-                attempts=deliveries.c.attempts + 1,
-            )
-        )
-        if previous != Status.IN_PROGRESS:
-            c.execute(
-                status_events.insert().values(
-                    transaction_id=transaction_id,
-                    route=route,
-                    status=Status.IN_PROGRESS.value,
-                    at=at,
-                    reason=None,
-                )
-            )
-        return Claim(previous, self._document(c, transaction_id), row[1])
+        return self.tx_claim_batch(c, route, transaction_id)[0]
 
-    def _document(self, c: Connection, transaction_id: str) -> Document:
-        """The document as a format renders it; a large payload is read without a second copy
-        of it in memory (engine/payload_read.py), the size recorded at acceptance telling."""
-        doc = c.execute(
-            sa.select(documents).where(documents.c.transaction_id == transaction_id)
-        ).one()
-        payload = read_payload(c, transaction_id, int(doc.payload_size))
-        patient = live_patient_resource(c, doc.patient_id) or {
-            "resourceType": "Patient",
-            "id": doc.patient_id,
+    def tx_claim_batch(
+        self,
+        c: Connection,
+        route: str,
+        transaction_id: str,
+        ahead: Sequence[str] = (),
+        ahead_bytes: int = AHEAD_BYTES,
+    ) -> tuple[Claim | None, dict[str, Claim]]:
+        """Claim ``transaction_id`` as ``tx_claim`` does, and with it what of ``ahead`` (the
+        route's next queue items) can be: one read, one update and one history insert for all.
+
+        The ``ahead`` claims are a bonus: a delivery that does not exist, whose payload is gone
+        or large (read on its own turn, engine/payload_read.py), or that would take the payloads
+        held past ``ahead_bytes``, is left untouched, to be claimed when its turn comes. A final
+        one is answered with no document, as ``tx_claim`` answers it. Returns the claim of
+        ``transaction_id`` and those of ``ahead`` by transaction id.
+        """
+        wanted = [transaction_id, *dict.fromkeys(t for t in ahead if t != transaction_id)]
+        rows = {r.transaction_id: r for r in c.execute(_claim_read(c, route, wanted))}
+        head = rows.get(transaction_id)
+        if head is not None and not Status(head.status).is_final and _no_payload(head):
+            # A pruned payload (or a delivery without its document) fails the claim, as reading
+            # it did, before anything is written.
+            raise NoResultFound("the document has no payload")
+        at = now()
+        budget = ahead_bytes
+        taken: list[Any] = []
+        finals: dict[str, Claim] = {}
+        for txid in wanted:
+            row = rows.get(txid)
+            if row is None:
+                continue
+            previous = Status(row.status)
+            if previous.is_final:
+                finals[txid] = Claim(previous, None)
+                continue
+            if txid != transaction_id:
+                if row.data is None or row.payload_size > budget:
+                    continue
+                budget -= row.payload_size
+            taken.append(row)
+        if taken:
+            _mark_claimed(c, route, taken, at)
+        claims = {
+            r.transaction_id: Claim(Status(r.status), self._document(c, r), r.replay_mode)
+            for r in taken
         }
-        encounter = encounter_resource(c, doc.encounter_id) if doc.encounter_id else None
-        created = _aware(doc.created_at)
+        claims.update(finals)
+        return claims.pop(transaction_id, None), claims
+
+    def _document(self, c: Connection, row: Any) -> Document:
+        """The document as a format renders it, from a row of ``_claim_read``. A large payload
+        is read apart, without a second copy of it in memory (engine/payload_read.py), the size
+        recorded at acceptance telling."""
+        payload = row.data
+        if payload is None:
+            payload = read_payload(c, row.transaction_id, int(row.payload_size))
+        patient = None
+        if row.patient is not None and row.merged_into is None:
+            patient = json.loads(row.patient)
+        elif row.patient is not None:  # merged: follow the chain to the survivor
+            patient = live_patient_resource(c, row.patient_id)
+        created = _aware(row.created_at)
         assert created is not None
         return Document(
-            transaction_id=doc.transaction_id,
+            transaction_id=row.transaction_id,
             created_at=created,
-            content_type=doc.content_type,
-            document_type=doc.document_type,
-            title=doc.title,
-            payload=payload,
-            patient=patient,
-            encounter=encounter,
-            sender_identifier=doc.sender_identifier,
-            sender_application=doc.sender_application,
+            content_type=row.content_type,
+            document_type=row.document_type,
+            title=row.title,
+            payload=bytes(payload),  # no copy when the driver gave bytes already
+            patient=patient or {"resourceType": "Patient", "id": row.patient_id},
+            encounter=json.loads(row.encounter) if row.encounter is not None else None,
+            sender_identifier=row.sender_identifier,
+            sender_application=row.sender_application,
         )
 
     def tx_set_status(
@@ -339,31 +404,97 @@ class Store(DirectoryStore, ResourceStore):
         reason: str | None = None,
         sent_at: datetime | None = None,
     ) -> Status | None:
-        """Record a status change with its reason in the history; returns the previous status."""
+        """Record a status change with its reason in the history; returns the previous status.
+
+        PostgreSQL: one statement (the row locked and read, updated and its history row added in
+        a ``WITH``). SQLite runs in-process under the writer's lock: a read, the update, the
+        insert.
+        """
         at = now()
-        old = c.execute(
-            sa.select(deliveries.c.status).where(
-                deliveries.c.transaction_id == transaction_id, deliveries.c.route == route
-            )
-        ).scalar()
+        key = (deliveries.c.transaction_id == transaction_id, deliveries.c.route == route)
         values: dict[str, Any] = {"status": status.value, "status_at": at, "reason": reason}
         if sent_at is not None:
             values["sent_at"] = sent_at
+        event = status_events.insert().values(
+            transaction_id=transaction_id, route=route, status=status.value, at=at, reason=reason
+        )
+        if c.dialect.name == "postgresql":
+            old = sa.select(deliveries.c.transaction_id, deliveries.c.status).where(*key)
+            before = old.with_for_update().cte("before")
+            # FROM before: the update waits for the row read (and locked) as it was.
+            change = (
+                deliveries.update()
+                .where(
+                    deliveries.c.transaction_id == before.c.transaction_id,
+                    deliveries.c.route == route,
+                )
+                .values(**values)
+                .returning(deliveries.c.transaction_id)
+                .cte("change")
+            )
+            added = event.returning(status_events.c.id).cte("added")
+            previous = c.execute(sa.select(before.c.status).add_cte(change, added)).scalar()
+        else:
+            previous = c.execute(sa.select(deliveries.c.status).where(*key)).scalar()
+            c.execute(deliveries.update().where(*key).values(**values))
+            c.execute(event)
+        return Status(previous) if previous else None
+
+    def tx_set_statuses(
+        self, c: Connection, route: str, changes: Sequence[StatusChange]
+    ) -> list[Status | None]:
+        """``tx_set_status`` for several deliveries of ``route`` at once (a worker's finished
+        deliveries): one read of their statuses, one update and one insert, each run for all.
+        Returns each one's previous status, in the order of ``changes``."""
+        if len(changes) == 1:  # one statement on PostgreSQL
+            (ch,) = changes
+            return [
+                self.tx_set_status(c, ch.transaction_id, route, ch.status, ch.reason, ch.sent_at)
+            ]
+        if not changes:
+            return []
+        at = now()
+        txids = [ch.transaction_id for ch in changes]
+        old = sa.select(deliveries.c.transaction_id, deliveries.c.status).where(
+            deliveries.c.route == route, deliveries.c.transaction_id.in_(txids)
+        )
+        if c.dialect.name == "postgresql":
+            old = old.with_for_update()
+        previous = {r.transaction_id: Status(r.status) for r in c.execute(old)}
         c.execute(
             deliveries.update()
-            .where(deliveries.c.transaction_id == transaction_id, deliveries.c.route == route)
-            .values(**values)
+            .where(
+                deliveries.c.transaction_id == sa.bindparam("t"),
+                deliveries.c.route == route,
+            )
+            .values(
+                status=sa.bindparam("s"),
+                status_at=at,
+                reason=sa.bindparam("why"),
+                # A change without a sent time keeps the one recorded, as tx_set_status does.
+                sent_at=sa.func.coalesce(
+                    sa.bindparam("sent", type_=deliveries.c.sent_at.type), deliveries.c.sent_at
+                ),
+            ),
+            [
+                {"t": ch.transaction_id, "s": ch.status.value, "why": ch.reason, "sent": ch.sent_at}
+                for ch in changes
+            ],
         )
         c.execute(
-            status_events.insert().values(
-                transaction_id=transaction_id,
-                route=route,
-                status=status.value,
-                at=at,
-                reason=reason,
-            )
+            status_events.insert(),
+            [
+                {
+                    "transaction_id": ch.transaction_id,
+                    "route": route,
+                    "status": ch.status.value,
+                    "at": at,
+                    "reason": ch.reason,
+                }
+                for ch in changes
+            ],
         )
-        return Status(old) if old else None
+        return [previous.get(t) for t in txids]
 
     def tx_mark_unqueued(self, c: Connection, transaction_id: str, route: str, reason: str) -> bool:
         """Record that a delivery's queue item was not confirmed, unless a worker took it.
@@ -463,6 +594,88 @@ class Store(DirectoryStore, ResourceStore):
             return [(r[0], r[1]) for r in c.execute(q)]
 
 
+def _claim_read(c: Connection, route: str, transaction_ids: list[str]) -> sa.Select[Any]:
+    """The deliveries of ``route`` to claim, each with its document, its payload when it is
+    small enough to read with a plain query (DIRECT_READ_BYTES), its patient and its encounter:
+    one query. A final delivery comes without its document. PostgreSQL locks the deliveries
+    read (``FOR UPDATE``), so their status cannot change before the claim's update."""
+    small = sa.case((documents.c.payload_size <= DIRECT_READ_BYTES, payloads.c.data))
+    joined = (
+        deliveries.outerjoin(
+            documents,
+            sa.and_(
+                documents.c.transaction_id == deliveries.c.transaction_id,
+                deliveries.c.status.not_in(_FINAL),
+            ),
+        )
+        .outerjoin(payloads, payloads.c.transaction_id == documents.c.transaction_id)
+        .outerjoin(patients, patients.c.id == documents.c.patient_id)
+        .outerjoin(encounters, encounters.c.id == documents.c.encounter_id)
+    )
+    q = (
+        sa.select(
+            deliveries.c.transaction_id,
+            deliveries.c.status,
+            deliveries.c.replay_mode,
+            documents.c.created_at,
+            documents.c.content_type,
+            documents.c.document_type,
+            documents.c.title,
+            documents.c.sender_identifier,
+            documents.c.sender_application,
+            documents.c.patient_id,
+            documents.c.payload_size,
+            small.label("data"),
+            patients.c.resource.label("patient"),
+            patients.c.merged_into,
+            encounters.c.resource.label("encounter"),
+        )
+        .select_from(joined)
+        .where(deliveries.c.route == route, deliveries.c.transaction_id.in_(transaction_ids))
+    )
+    if c.dialect.name == "postgresql":
+        q = q.with_for_update(of=deliveries)
+    return q
+
+
+def _no_payload(row: Any) -> bool:
+    """A row of ``_claim_read`` whose document or small payload is missing (a large payload is
+    not in the row: ``read_payload`` tells whether it is there)."""
+    return row.data is None and (row.created_at is None or row.payload_size <= DIRECT_READ_BYTES)
+
+
+def _mark_claimed(c: Connection, route: str, rows: list[Any], at: datetime) -> None:
+    """Set the deliveries of ``rows`` (read by ``_claim_read``) in-progress with the attempt
+    counted, and add the history row of those that were not in progress already. On PostgreSQL
+    this is one statement (the update in a ``WITH`` of the insert)."""
+    update = (
+        deliveries.update()
+        .where(
+            deliveries.c.route == route,
+            deliveries.c.transaction_id.in_([r.transaction_id for r in rows]),
+        )
+        .values(status=Status.IN_PROGRESS.value, status_at=at, attempts=deliveries.c.attempts + 1)
+    )
+    events = [
+        {
+            "transaction_id": r.transaction_id,
+            "route": route,
+            "status": Status.IN_PROGRESS.value,
+            "at": at,
+            "reason": None,
+        }
+        for r in rows
+        if r.status != Status.IN_PROGRESS.value
+    ]
+    if events and c.dialect.name == "postgresql":
+        claimed = update.returning(deliveries.c.transaction_id).cte("claimed")
+        c.execute(status_events.insert().values(events).add_cte(claimed))
+        return
+    c.execute(update)
+    if events:
+        c.execute(status_events.insert(), events)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     _sqlite_connect_autocommit(dbapi_connection)
     cur = dbapi_connection.cursor()
@@ -499,21 +712,96 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN" if getattr(_reader, "only_reads", False) else "BEGIN IMMEDIATE")
 
 
+@dataclass(frozen=True)
+class Duplicate:
+    """A message this sender already sent within the duplicate window (nothing was applied):
+    the transaction ids remembered with it."""
+
+    transaction_ids: tuple[str, ...]
+
+
+# Connection.info key: the transaction that holds the directory lock (``_lock_directory``).
+_DIRECTORY_LOCKED = "medcourier.directory_locked"
+_TAKE_DIRECTORY_LOCK = sa.text("SELECT pg_advisory_xact_lock(:key)")
+
+
+def _lock_directory(c: Connection) -> None:
+    """Take the lock that makes directory updates take turns, once per transaction.
+
+    Find-then-insert by identifier races between writer threads: two admissions of the same new
+    patient would create it twice. One transaction-scoped advisory lock (PostgreSQL; SQLite has
+    a single writer already) makes them take turns. It is held until the commit, so a group
+    commit's later writes need not ask again, unless a savepoint was rolled back since:
+    PostgreSQL releases the locks taken within it (``_forget_directory_lock``).
+    """
+    if c.dialect.name != "postgresql":
+        return
+    transaction = c.get_transaction()
+    if transaction is not None and c.info.get(_DIRECTORY_LOCKED) is transaction:
+        return
+    c.execute(_TAKE_DIRECTORY_LOCK, {"key": DIRECTORY_LOCK})
+    c.info[_DIRECTORY_LOCKED] = transaction
+
+
+@sa.event.listens_for(Engine, "rollback_savepoint")
+def _forget_directory_lock(conn: Connection, name: str, context: Any) -> None:
+    """A savepoint rolled back may have taken the directory lock with it: ask again."""
+    conn.info.pop(_DIRECTORY_LOCKED, None)
+
+
+@functools.cache
+def _log_upsert(dialect: str, unless_seen: bool) -> Any:
+    """``INSERT .. ON CONFLICT (sender, message_id) DO UPDATE``, the row replaced: one statement
+    where a delete and an insert were two. ``unless_seen``: only a row received before
+    ``:cutoff`` is replaced, and the statement returns a row only when it wrote one."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    received = inbound_log.c.received_at
+    stmt = insert(inbound_log).values(
+        sender=sa.bindparam("log_sender", type_=inbound_log.c.sender.type),
+        message_id=sa.bindparam("log_message_id", type_=inbound_log.c.message_id.type),
+        received_at=sa.bindparam("log_received_at", type_=received.type),
+        transaction_ids=sa.bindparam("log_transaction_ids", type_=sa.Text()),
+    )
+    upsert = stmt.on_conflict_do_update(
+        index_elements=[inbound_log.c.sender, inbound_log.c.message_id],
+        set_={
+            "received_at": stmt.excluded.received_at,
+            "transaction_ids": stmt.excluded.transaction_ids,
+        },
+        where=received < sa.bindparam("log_cutoff", type_=received.type) if unless_seen else None,
+    )
+    return upsert.returning(inbound_log.c.sender) if unless_seen else upsert
+
+
+def _log_params(dedupe: tuple[str, str], transaction_ids: list[str]) -> dict[str, Any]:
+    return {
+        "log_sender": dedupe[0],
+        "log_message_id": dedupe[1],
+        "log_received_at": now(),
+        "log_transaction_ids": ",".join(transaction_ids),
+    }
+
+
 def _remember(c: Connection, dedupe: tuple[str, str], transaction_ids: list[str]) -> None:
-    sender, message_id = dedupe
-    c.execute(
-        inbound_log.delete().where(
-            inbound_log.c.sender == sender, inbound_log.c.message_id == message_id
+    c.execute(_log_upsert(c.dialect.name, False), _log_params(dedupe, transaction_ids))
+
+
+def _remember_unless_seen(c: Connection, dedupe: tuple[str, str], window: timedelta) -> bool:
+    """Remember ``dedupe`` unless it was received within ``window`` (``Store.seen``'s rule);
+    True when it was remembered."""
+    params = _log_params(dedupe, [])
+    params["log_cutoff"] = params["log_received_at"] - window
+    return c.execute(_log_upsert(c.dialect.name, True), params).first() is not None
+
+
+def _remembered(c: Connection, dedupe: tuple[str, str]) -> tuple[str, ...]:
+    """The transaction ids remembered with ``dedupe``."""
+    ids = c.execute(
+        sa.select(inbound_log.c.transaction_ids).where(
+            inbound_log.c.sender == dedupe[0], inbound_log.c.message_id == dedupe[1]
         )
-    )
-    c.execute(
-        inbound_log.insert().values(
-            sender=sender,
-            message_id=message_id,
-            received_at=now(),
-            transaction_ids=",".join(transaction_ids),
-        )
-    )
+    ).scalar()
+    return tuple(t for t in (ids or "").split(",") if t)
 
 
 def _delivery(r: Any) -> DeliveryRow:
@@ -553,7 +841,9 @@ class _GroupCommit:
 
     Each write still gets its own answer only after the commit that holds it, so "durable before
     the sender is answered" is kept, but concurrent writers share one commit (one fsync) instead
-    of paying one each. A write that fails rolls back to its own savepoint and fails alone.
+    of paying one each. A write that fails fails alone: a batch first runs without savepoints
+    (two statements fewer per write); should one of its writes raise, nothing of it is committed
+    and the batch runs again with a savepoint per write, the failing one rolled back to its own.
     """
 
     def __init__(self, engine: Engine, threads: int, max_batch: int = 128) -> None:
@@ -593,10 +883,15 @@ class _GroupCommit:
                     break
                 batch.append(nxt)
             self._commit(batch)
+            # The writes hold their arguments (a document's payload among them): let them go now
+            # rather than while this thread waits for the next write.
+            del batch, first
             if stop:
                 return
 
     def _commit(self, batch: list[_Write]) -> None:
+        if len(batch) > 1 and not self._commit_together(batch):
+            return
         outcomes: list[tuple[_Write, Any, BaseException | None]] = []
         try:
             with self.engine.begin() as c:
@@ -621,6 +916,32 @@ class _GroupCommit:
         for w, result, error in outcomes:
             w.settle(result, error)
 
+    def _commit_together(self, batch: list[_Write]) -> bool:
+        """Run the batch in one transaction without savepoints. True when one of its writes
+        raised: the transaction was rolled back, nothing is settled, the caller runs the batch
+        again write by write. A failed begin or commit fails every write, as in ``_commit``."""
+        results: list[Any] = []
+        try:
+            with self.engine.begin() as c:
+                for w in batch:
+                    try:
+                        results.append(w.fn(c, *w.args, **w.kwargs))
+                    except Exception:
+                        raise _WriteFailed from None
+        except _WriteFailed:
+            return True
+        except Exception as exc:
+            for w in batch:
+                w.settle(error=exc)
+            return False
+        for w, result in zip(batch, results, strict=True):
+            w.settle(result)
+        return False
+
+
+class _WriteFailed(Exception):
+    """A write of a batch run without savepoints raised (``_GroupCommit._commit_together``)."""
+
 
 class AsyncStore:
     """The store from the event loop: reads on a thread pool, writes through group commit."""
@@ -632,6 +953,7 @@ class AsyncStore:
         self._pool = ThreadPoolExecutor(
             max_workers=readers, thread_name_prefix="store-read", initializer=_mark_reader
         )
+        self.writers = writers  # how many writes may commit at once
         self._writes = _GroupCommit(store.engine, writers)
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

@@ -3,11 +3,15 @@
 Pure functions: a decoded message (``str``) in, frozen dataclasses carrying FHIR R4 JSON out. No
 store, no I/O: the engine decides what an event means for the directory and where documents go.
 
-Parsing is done by python-hl7 (``hl7.parse``), which splits a 5 MB ORU in well under 0.1 s (it
-only calls ``str.split`` and never copies a field it does not split), so the large OBX-5 needs no
-special path. Its tree is untyped and its depth varies with the delimiters a field happens to
-contain; :class:`_Message` flattens it once into repetitions / components / subcomponents of
-plain strings and is the only code touching python-hl7.
+:class:`_Message` splits a message as python-hl7 (``hl7.parse``) does, with the same segments,
+fields, repetitions, components and subcomponents (MSH-1 is the field separator, MSH-2 the
+encoding characters), but only ``str.split`` calls: the segments into fields up front, a field
+into its parts the first time it is read. Building python-hl7's tree of containers for every
+field was half of an ADT's cost on the listener's event loop, for a dozen fields read. A large
+OBX-5 is never copied before it is read, so it needs no special path. python-hl7 still splits a
+message whose delimiters are not all distinct (its results then depend on their order), and
+tests compare both splits (tests/test_hl7_split.py). :class:`_Message` is the only code
+touching python-hl7.
 
 Every text value goes through python-hl7's ``unescape`` (HL7 v2.5 ch. 2, "escape sequences in
 text fields"), after :meth:`_Message.unescape` has neutralised what that function gets wrong:
@@ -32,10 +36,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
@@ -383,40 +388,120 @@ def parse_document_message(text: str, *, assume_tz: str | tzinfo = DEFAULT_TZ) -
     )
 
 
-# --- the message: python-hl7, flattened -----------------------------------------------------
+# --- the message: split here, unescaped by python-hl7 ---------------------------------------
 
 # A field as repetitions -> components -> subcomponents, still escaped.
 _Tree = list[list[list[str]]]
 
+# Segments whose first fields python-hl7 reads as MSH does: name, field separator, encoding
+# characters (not split).
+_HEADER_SEGMENTS = ("MSH", "BHS", "FHS")
+
+
+def _encoding(text: str) -> tuple[str, str]:
+    """The delimiters of a message starting with ``MSH``, read as ``hl7.parse`` reads them:
+    ``("\\r" + field + repetition + component + subcomponent separators, escape character)``.
+
+    MSH-1 is the character after ``MSH``; MSH-2 runs from it to its next occurrence, which
+    python-hl7 looks for in the whole text (past the MSH segment when MSH-2 is its last field),
+    and whose missing characters default to ``^~\\&``.
+    """
+    field_sep = text[3]
+    encoding = text[3 : text.find(field_sep, 4)]
+    repetition = encoding[2] if len(encoding) > 2 else "~"
+    component = encoding[1] if len(encoding) > 1 else "^"
+    subcomponent = encoding[4] if len(encoding) > 4 else "&"
+    escape = encoding[3] if len(encoding) > 3 else "\\"
+    return f"\r{field_sep}{repetition}{component}{subcomponent}", escape
+
+
+# A segment as its name and fields; a field is its text still to split, or already split.
+_RawSegment = tuple[str, list[str | _Tree]]
+
+
+def _split_segments(text: str, separators: str) -> list[_RawSegment]:
+    """Segments and fields as ``hl7.parse`` finds them, given five distinct delimiters.
+
+    python-hl7 splits a line on the field separator, a field on the repetition separator, and
+    so on down, stopping where a piece holds none of the delimiters still to come: the result
+    is the plain nested ``str.split``, which :meth:`_Message.split_field` does when a field is
+    first read. Its two particular cases are kept: a line holding no delimiter at all is not a
+    segment, and a header segment (MSH, BHS, FHS) has its field separator as field 1 and its
+    encoding characters, unsplit, as field 2.
+    """
+    field_sep, repetition = separators[1], separators[2]
+    component, subcomponent = separators[3], separators[4]
+    segments: list[_RawSegment] = []
+    for line in text.split("\r"):
+        if (
+            field_sep not in line
+            and repetition not in line
+            and component not in line
+            and subcomponent not in line
+        ):
+            continue  # an empty line between segments
+        fields: list[str | _Tree]
+        if line[:3] in _HEADER_SEGMENTS:
+            own = line[3]
+            end = line.find(own, 4)
+            fields = [[[[line[:3]]]], [[[own]]], [[[line[4:end]]]]]
+            rest = line[end + 1 :]
+            if rest:
+                fields.extend(rest.split(field_sep))
+            name = line[:3]
+        else:
+            texts = line.split(field_sep)
+            fields = cast("list[str | _Tree]", texts)
+            name = texts[0].split(repetition, 1)[0]
+        segments.append((name.strip().upper(), fields))
+    return segments
+
+
+def _python_hl7_segments(text: str) -> list[_RawSegment]:
+    """The same through ``hl7.parse``, for delimiters that are not all distinct (python-hl7's
+    splitting then depends on their order in its own ways) and for comparison in tests."""
+    parsed: Any = hl7.parse(text)
+    segments: list[_RawSegment] = []
+    for raw_segment in parsed:
+        if isinstance(raw_segment[0], str):
+            continue  # an empty line between segments
+        name = str(raw_segment[0][0]).strip().upper()
+        segments.append((name, [_flatten(raw_field) for raw_field in raw_segment]))
+    return segments
+
 
 class _Message:
-    """A parsed message: its segments in order, and the unescaping of its delimiters."""
+    """A parsed message: its segments in order, and the unescaping of its delimiters.
 
-    def __init__(self, text: str) -> None:
+    ``python_hl7`` splits the message with ``hl7.parse`` rather than :func:`_split_segments`
+    (which gives the same segments, faster); delimiters that are not all distinct always do.
+    """
+
+    def __init__(self, text: str, *, python_hl7: bool = False) -> None:
         text = text.lstrip("\ufeff").strip()
         if "\n" in text:
             text = text.replace("\r\n", "\r").replace("\n", "\r")
         if not text.startswith("MSH") or len(text) < 8:
             raise MessageError("not an HL7 v2 message: it must start with an MSH segment", "MSH^1")
+        separators, self.esc = _encoding(text)
+        self.separators = separators
+        self.sub_separator = separators[4]
+        self._repetition = separators[2]
+        self._component = separators[3]
         try:
-            parsed: Any = hl7.parse(text)
+            if python_hl7 or len(set(separators)) < len(separators):
+                raw_segments = _python_hl7_segments(text)
+            else:
+                raw_segments = _split_segments(text, separators)
         except Exception as exc:  # python-hl7 raises ParseException, IndexError...
             raise MessageError(f"not a parsable HL7 v2 message: {exc}", "MSH^1") from exc
-        self._parsed = parsed
-        self.esc = str(parsed.esc)
-        self.sub_separator = str(parsed.separators[4])
         seen: dict[str, int] = {}
         self.segments: list[_Segment] = []
-        for raw_segment in parsed:
-            if isinstance(raw_segment[0], str):
-                continue  # an empty line between segments
-            name = str(raw_segment[0][0]).strip().upper()
+        for name, fields in raw_segments:
             seen[name] = seen.get(name, 0) + 1
-            fields = [_flatten(raw_field) for raw_field in raw_segment]
             self.segments.append(_Segment(self, name, seen[name], fields))
         self.msh = self.segments[0]
-        escape = re.escape(self.esc)
-        self._sequence = re.compile(f"{escape}([^{escape}]*){escape}")
+        self._unescaper: Any = None
 
     def first(self, name: str) -> _Segment | None:
         return next((s for s in self.segments if s.name == name), None)
@@ -424,13 +509,26 @@ class _Message:
     def all(self, name: str) -> list[_Segment]:
         return [s for s in self.segments if s.name == name]
 
+    def split_field(self, text: str) -> _Tree:
+        """A field's text -> repetitions -> components -> subcomponents."""
+        repetition, component, subcomponent = self._repetition, self._component, self.sub_separator
+        if repetition not in text and component not in text and subcomponent not in text:
+            return [[[text]]]
+        return [
+            [part.split(subcomponent) for part in rep.split(component)]
+            for rep in text.split(repetition)
+        ]
+
     def unescape(self, raw: str) -> str:
         """HL7 escape sequences -> text, through python-hl7 (see the module docstring)."""
         if self.esc not in raw:
             return raw
+        if self._unescaper is None:
+            # python-hl7's unescape reads only the delimiters of the message it is called on.
+            self._unescaper = hl7.Message(separators=self.separators, esc=self.esc)
         parts: list[str] = []
         position = 0
-        for match in self._sequence.finditer(raw):
+        for match in _escape_sequence(self.esc).finditer(raw):
             parts.append(raw[position : match.start()])
             sequence = match.group(1)
             hex_digits = _HEX_ESCAPE.fullmatch(sequence)
@@ -442,16 +540,22 @@ class _Message:
             position = match.end()
         # An escape character left without its closing one is a literal.
         parts.append(raw[position:].replace(self.esc, f"{self.esc}E{self.esc}"))
-        return str(self._parsed.unescape("".join(parts), _APP_MAP))
+        return str(self._unescaper.unescape("".join(parts), _APP_MAP))
 
     def _reescape(self, text: str) -> str:
         """Text decoded from ``\\X..\\``, escaped again so python-hl7 passes it through."""
-        separators = str(self._parsed.separators)
         table = {ord(self.esc): f"{self.esc}E{self.esc}"}
-        for char, code in zip(separators[1:5], "FRST", strict=True):
+        for char, code in zip(self.separators[1:5], "FRST", strict=True):
             table[ord(char)] = f"{self.esc}{code}{self.esc}"
         table[ord("\r")] = table[ord("\n")] = f"{self.esc}.br{self.esc}"
         return text.translate(table)
+
+
+@functools.cache
+def _escape_sequence(esc: str) -> re.Pattern[str]:
+    """An escape sequence: the escape character, what is not one, the escape character."""
+    escape = re.escape(esc)
+    return re.compile(f"{escape}([^{escape}]*){escape}")
 
 
 def _flatten(raw_field: Any) -> _Tree:
@@ -475,24 +579,37 @@ class _Segment:
     """One segment; ``value(field, repetition, component, subcomponent)`` counts from 1, as HL7
     does, so ``value(3, 1, 4, 2)`` reads PID-3.4.2 of the first repetition."""
 
-    def __init__(self, message: _Message, name: str, sequence: int, fields: list[_Tree]) -> None:
+    def __init__(
+        self, message: _Message, name: str, sequence: int, fields: list[str | _Tree]
+    ) -> None:
         self.message = message
         self.name = name
         self.sequence = sequence
-        self.fields = fields
+        # A field is split the first time it is read: most fields of a segment never are.
+        self._fields = fields
 
     def location(self, field_number: int | None = None) -> str:
         base = f"{self.name}^{self.sequence}"
         return base if field_number is None else f"{base}^{field_number}"
 
+    def field_count(self) -> int:
+        return len(self._fields)
+
+    def field(self, field_number: int) -> _Tree:
+        """The field split (``IndexError`` past the last one)."""
+        found = self._fields[field_number]
+        if isinstance(found, str):
+            found = self._fields[field_number] = self.message.split_field(found)
+        return found
+
     def repetitions(self, field_number: int) -> list[_Repetition]:
-        if field_number >= len(self.fields):
+        if field_number >= len(self._fields):
             return []
-        return [_Repetition(self, rep) for rep in self.fields[field_number]]
+        return [_Repetition(self, rep) for rep in self.field(field_number)]
 
     def raw(self, field_number: int, repetition: int = 1, component: int = 1, sub: int = 1) -> str:
         try:
-            return self.fields[field_number][repetition - 1][component - 1][sub - 1]
+            return self.field(field_number)[repetition - 1][component - 1][sub - 1]
         except IndexError:
             return ""
 
