@@ -6,6 +6,9 @@ simulator, posts N documents with C concurrent clients, then reads each document
 from $tracking. Prints one table: documents/s (first submit to last completed) and p50/p90/p99/max
 latency from submit to completed, per backend and payload size.
 
+The EHR simulator runs in a process of its own, so its ACKs do not wait for the load clients'
+event loop (``--ehr-in-process`` puts it back in this one, as the first figures were measured).
+
     .venv/bin/python bench/e2e_send_to_ehr.py                       # embedded, 4 KB and 1 MB
     .venv/bin/python bench/e2e_send_to_ehr.py --backend rabbitmq --count 2000 --size 4096
 
@@ -18,6 +21,8 @@ import argparse
 import asyncio
 import base64
 import json
+import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import statistics
@@ -109,8 +114,61 @@ async def wait_http(base: str, proc: subprocess.Popen[bytes]) -> None:
     raise SystemExit("engine did not start")
 
 
-async def run_case(backend: str, size: int, count: int, concurrency: int) -> dict[str, Any]:
-    ehr = EhrSimulator()
+def _ehr_main(conn: multiprocessing.connection.Connection, received: Any) -> None:
+    """The EHR simulator's own process: ACK everything, count it, stop when told."""
+
+    def count(_seq: int, _control_id: str) -> None:
+        with received.get_lock():
+            received.value += 1
+
+    async def serve() -> None:
+        ehr = EhrSimulator(on_message=count)
+        await ehr.start()
+        conn.send(ehr.port)
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+        await ehr.stop()
+
+    asyncio.run(serve())
+
+
+class RemoteEhr:
+    """``EhrSimulator`` in a process of its own (see the module docstring)."""
+
+    def __init__(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._received = ctx.Value("l", 0)
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_ehr_main, args=(child, self._received), daemon=True)
+        self.port = 0
+
+    @property
+    def count(self) -> int:
+        return int(self._received.value)
+
+    async def start(self) -> None:
+        self._proc.start()
+        self.port = int(await asyncio.get_running_loop().run_in_executor(None, self._conn.recv))
+
+    async def stop(self) -> None:
+        self._conn.send("stop")
+        await asyncio.get_running_loop().run_in_executor(None, self._proc.join, 10)
+
+
+class LocalEhr(EhrSimulator):
+    @property
+    def count(self) -> int:
+        return len(self.received)
+
+
+async def run_case(
+    backend: str,
+    size: int,
+    count: int,
+    concurrency: int,
+    ehr_in_process: bool = False,
+    rate: float | None = None,
+) -> dict[str, Any]:
+    ehr: RemoteEhr | LocalEhr = LocalEhr() if ehr_in_process else RemoteEhr()
     await ehr.start()
     http_port = free_port()
     instance = f"bench-{uuid.uuid4().hex[:8]}"
@@ -136,7 +194,7 @@ async def run_case(backend: str, size: int, count: int, concurrency: int) -> dic
         base = f"http://127.0.0.1:{http_port}"
         try:
             await wait_http(base, proc)
-            result = await load(base, size, count, concurrency, ehr)
+            result = await load(base, size, count, concurrency, ehr, rate)
         finally:
             proc.send_signal(signal.SIGINT if wrap else signal.SIGTERM)
             proc.wait(60)
@@ -145,7 +203,14 @@ async def run_case(backend: str, size: int, count: int, concurrency: int) -> dic
             if backend == "rabbitmq":
                 cleanup_amqp(instance)
                 fresh_database(instance.replace("-", "_"), drop=True)
-    return {"backend": backend, "size": size, "count": count, "concurrency": concurrency, **result}
+    return {
+        "backend": backend,
+        "size": size,
+        "count": count,
+        "concurrency": concurrency,
+        "rate": rate or "-",
+        **result,
+    }
 
 
 def cleanup_amqp(instance: str) -> None:
@@ -157,8 +222,16 @@ def cleanup_amqp(instance: str) -> None:
 
 
 async def load(
-    base: str, size: int, count: int, concurrency: int, ehr: EhrSimulator
+    base: str,
+    size: int,
+    count: int,
+    concurrency: int,
+    ehr: RemoteEhr | LocalEhr,
+    rate: float | None = None,
 ) -> dict[str, Any]:
+    """Post ``count`` documents from ``concurrency`` clients, back to back, or with ``rate`` the
+    i-th no sooner than i/rate seconds after the start (a paced load, to read latency below
+    saturation), then read when each was completed."""
     headers = {"Authorization": f"Bearer {TOKEN}"}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=120, limits=limits) as c:
@@ -190,7 +263,9 @@ async def load(
         async def client() -> None:
             nonlocal errors
             while not queue.empty():
-                queue.get_nowait()
+                i = queue.get_nowait()
+                if rate:
+                    await asyncio.sleep(max(0.0, start + i / rate - time.time()))
                 t0 = time.time()
                 r = await c.post(
                     "/fhir/CommunicationRequest/$send-to-ehr",
@@ -205,7 +280,7 @@ async def load(
         start = time.time()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         accepted_in = time.time() - start
-        while len(ehr.received) < len(submitted):
+        while ehr.count < len(submitted):
             await asyncio.sleep(0.05)
             if time.time() - start > 600:
                 break
@@ -253,13 +328,27 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=500, help="documents per 4 KB case")
     parser.add_argument("--count-large", type=int, default=50, help="documents per 1 MB case")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--rate", type=float, help="documents per second offered (default: as fast as accepted)"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--ehr-in-process",
+        action="store_true",
+        help="run the EHR simulator on this process's event loop, beside the load clients",
+    )
     args = parser.parse_args()
     backends = ["embedded", "rabbitmq"] if args.backend == "both" else [args.backend]
     rows = []
     for backend in backends:
         for size, count in ((4096, args.count), (1024 * 1024, args.count_large)):
-            rows.append(asyncio.run(run_case(backend, size, count, args.concurrency)))
+            if count <= 0:
+                continue
+            rows.append(
+                asyncio.run(
+                    run_case(backend, size, count, args.concurrency, args.ehr_in_process, args.rate)
+                )
+            )
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -268,6 +357,7 @@ def main() -> None:
         "size",
         "count",
         "concurrency",
+        "rate",
         "completed",
         "errors",
         "accept_per_s",

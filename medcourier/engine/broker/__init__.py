@@ -12,17 +12,28 @@ documents live in the store. Two implementations:
 
 Queue and exchange names are prefixed by the engine's instance name so several engines (and test
 runs) share one broker without taking each other's work.
+
+A FIFO route whose handler is ``Pipelined`` (the route worker, engine/worker.py) is consumed with
+a window: up to ``window`` items are taken from the queue at once, and ``run_pipeline`` begins
+them one at a time, in order; each is acknowledged once what its ``begin`` left to do (the status
+write) is done, while the next ones are already being sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Awaitable, Callable, Collection
+from collections import deque
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
+
+import structlog
 
 from medcourier.engine.errors import BrokerError
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,12 +56,123 @@ class WorkItem:
 Handler = Callable[[WorkItem], Awaitable[None]]
 
 
+@runtime_checkable
+class Pipelined(Protocol):
+    """A handler that can take a FIFO route's items in two steps.
+
+    ``begin`` does what must keep the queue's order (for the route worker: claim, render, send)
+    and returns what is left to wait for before the item may be acknowledged (its status write),
+    or None when nothing is. ``ahead`` are the items already taken from the queue behind this
+    one, in order: the very objects that ``begin`` will be given later, so work done for them in
+    advance (claims) can be told apart from a redelivered copy. Raising retries the same item in
+    place, as a plain handler's failure does. Called as a plain handler it does both steps.
+    """
+
+    window: int
+
+    async def __call__(self, item: WorkItem) -> None: ...
+
+    async def begin(self, item: WorkItem, ahead: Sequence[WorkItem]) -> Awaitable[None] | None: ...
+
+
+def pipeline_of(handler: Handler, prefetch: int) -> Pipelined | None:
+    """The handler as a pipeline when a FIFO route (``prefetch`` 1) should be consumed so."""
+    if prefetch <= 1 and isinstance(handler, Pipelined) and handler.window > 1:
+        return handler
+    return None
+
+
+class Lane:
+    """A pipelined FIFO route's items taken from the queue and not begun yet, in queue order,
+    each with the broker's token for it (delivery tag, kombu message)."""
+
+    def __init__(self) -> None:
+        self.waiting: deque[tuple[Any, WorkItem]] = deque()
+        self.closed = False
+        self._wake = asyncio.Event()
+
+    def put(self, token: Any, item: WorkItem) -> None:
+        self.waiting.append((token, item))
+        self._wake.set()
+
+    def close(self) -> None:
+        """No more items are begun; those waiting stay unacknowledged (given back)."""
+        self.closed = True
+        self._wake.set()
+
+    def ahead(self) -> list[WorkItem]:
+        return [item for _, item in self.waiting]
+
+    async def next(self) -> tuple[Any, WorkItem] | None:
+        while not self.waiting and not self.closed:
+            self._wake.clear()
+            await self._wake.wait()
+        return None if self.closed else self.waiting.popleft()
+
+
+async def run_pipeline(
+    route: str,
+    pipeline: Pipelined,
+    lane: Lane,
+    settle: Callable[[Any, bool], None],
+    track: Callable[[asyncio.Task[None]], None],
+    requeue_delay: float,
+) -> None:
+    """Begin the lane's items one at a time, in order, until it is closed.
+
+    A ``begin`` that raises is called again for the same item after ``requeue_delay`` (the item
+    keeps its place, the ones behind it wait). ``settle(token, True)`` acknowledges an item once
+    what its ``begin`` returned is done; ``settle(token, False)`` is said when that failed (the
+    item stays unacknowledged). ``track`` is given each such wait, so closing can wait for it.
+    """
+    while True:
+        entry = await lane.next()
+        if entry is None:
+            return
+        token, item = entry
+        while True:
+            try:
+                done = await pipeline.begin(item, lane.ahead())
+                break
+            except Exception as exc:
+                log.warning(
+                    "broker.handler_failed",
+                    route=route,
+                    transaction_id=item.transaction_id,
+                    error=type(exc).__name__,
+                )
+                await asyncio.sleep(requeue_delay)
+                if lane.closed:
+                    return
+        if done is None:
+            settle(token, True)
+        else:
+            track(asyncio.get_running_loop().create_task(_settle_when(done, token, settle)))
+
+
+async def _settle_when(
+    done: Awaitable[None], token: Any, settle: Callable[[Any, bool], None]
+) -> None:
+    try:
+        await done
+    except asyncio.CancelledError:
+        settle(token, False)
+        raise
+    except Exception as exc:
+        log.warning("broker.completion_failed", error=type(exc).__name__)
+        settle(token, False)
+        return
+    settle(token, True)
+
+
 class Broker(Protocol):
     """What the engine needs of a queue.
 
     Consumption contract: ``handler`` returning normally acknowledges the item; raising retries
     it in place (the item keeps its place). A FIFO route has one item in flight at a time, and
-    one consuming process at a time across engines; a parallel route up to ``prefetch``.
+    one consuming process at a time across engines; a parallel route up to ``prefetch``. A FIFO
+    route whose handler is ``Pipelined`` has up to its ``window`` taken from the queue, begun one
+    at a time in order (``run_pipeline``), each acknowledged once its ``begin``'s rest is done.
     """
 
     async def start(self, routes: list[str], parallel: Collection[str] = ()) -> None:

@@ -44,11 +44,14 @@ from pika.spec import Basic, BasicProperties
 
 from medcourier.engine.broker import (
     Handler,
+    Lane,
     WorkItem,
     dead_letter_queue_name,
     delay_bucket_ms,
     exchange_name,
+    pipeline_of,
     queue_name,
+    run_pipeline,
 )
 from medcourier.engine.errors import BrokerError
 
@@ -168,6 +171,8 @@ class AmqpBroker:
         self._inflight: dict[str, set[asyncio.Task[None]]] = {}
         # Background re-registrations of consumers after a reconnect or a lost consumer channel.
         self._resume_tasks: dict[str, asyncio.Task[None]] = {}
+        # The lane of each pipelined FIFO route's consumer channel (broker/__init__.py).
+        self._lanes: dict[str, Lane] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -214,6 +219,8 @@ class AmqpBroker:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        for lane in self._lanes.values():
+            lane.close()  # nothing more is begun; the deliveries begun are waited for below
         for channel in list(self._consumer_channels.values()):
             for tag in list(channel.consumer_tags):
                 with contextlib.suppress(BrokerError):
@@ -440,11 +447,20 @@ class AmqpBroker:
         self._consumer_channels[route] = channel
         channel.add_on_close_callback(partial(self._on_consumer_channel_closed, route))
         channel.add_on_cancel_callback(partial(self._on_consumer_cancelled, route, channel))
+        prefetch = self._prefetch.get(route, 1)
+        pipeline = pipeline_of(handler, prefetch) if route not in self._parallel else None
+        lane = Lane()
+        if pipeline is not None:
+            # A pipelined FIFO route: RabbitMQ hands over up to the window, in order; the lane
+            # keeps them until they are begun, one at a time.
+            prefetch = pipeline.window
+            on_message = partial(self._on_lane_message, route, lane)
+            channel.add_on_close_callback(lambda _channel, _reason: lane.close())
+        else:
+            on_message = partial(self._on_message, route, handler)
         try:
             await self._rpc(
-                lambda done: channel.basic_qos(
-                    prefetch_count=self._prefetch.get(route, 1), callback=done
-                ),
+                lambda done: channel.basic_qos(prefetch_count=prefetch, callback=done),
                 "qos",
                 channel,
             )
@@ -452,19 +468,71 @@ class AmqpBroker:
             await self._rpc(
                 lambda done: channel.basic_consume(
                     queue_name(self._instance, route),
-                    on_message_callback=partial(self._on_message, route, handler),
+                    on_message_callback=on_message,
                     callback=done,
                 ),
                 "consume",
                 channel,
             )
         except BaseException:
+            lane.close()
             if self._consumer_channels.get(route) is channel:
                 del self._consumer_channels[route]
             if channel.is_open:
                 with contextlib.suppress(pika.exceptions.AMQPError):
                     channel.close()
             raise
+        if pipeline is not None:
+            self._lanes[route] = lane
+            if self._closing:
+                lane.close()
+
+            def settle(tag: int, ok: bool) -> None:
+                if ok:
+                    self._ack(channel, tag, route)
+                # else: left unacknowledged, given back when the channel closes
+
+            self._track(
+                route,
+                asyncio.get_running_loop().create_task(
+                    run_pipeline(
+                        route,
+                        pipeline,
+                        lane,
+                        settle,
+                        partial(self._track, route),
+                        self._requeue_delay,
+                    )
+                ),
+            )
+
+    def _track(self, route: str, task: asyncio.Task[None]) -> None:
+        """Count ``task`` among the route's deliveries in flight (close and resume wait)."""
+        inflight = self._inflight.setdefault(route, set())
+        inflight.add(task)
+        task.add_done_callback(inflight.discard)
+
+    def _on_lane_message(
+        self,
+        route: str,
+        lane: Lane,
+        channel: Channel,
+        method: Any,
+        properties: BasicProperties,
+        body: bytes,
+    ) -> None:
+        try:
+            item = WorkItem.from_bytes(body)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error(
+                "broker.malformed_item_dropped",
+                route=route,
+                size=len(body),
+                error=type(exc).__name__,
+            )
+            self._ack(channel, method.delivery_tag, route)
+            return
+        lane.put(method.delivery_tag, item)
 
     def _schedule_consumer(self, route: str) -> None:
         """Re-register the route's consumer in the background (idempotent)."""
@@ -509,12 +577,12 @@ class AmqpBroker:
         properties: BasicProperties,
         body: bytes,
     ) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self._handle(route, handler, channel, method.delivery_tag, body)
+        self._track(
+            route,
+            asyncio.get_running_loop().create_task(
+                self._handle(route, handler, channel, method.delivery_tag, body)
+            ),
         )
-        inflight = self._inflight.setdefault(route, set())
-        inflight.add(task)
-        task.add_done_callback(inflight.discard)
 
     async def _handle(
         self, route: str, handler: Handler, channel: Channel, tag: int, body: bytes

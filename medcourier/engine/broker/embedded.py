@@ -33,23 +33,35 @@ block each other; commits stay fully synchronous (durable).
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
+import json
+import queue
 import sqlite3
 import threading
 import time
+import uuid
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import structlog
 from kombu.connection import Connection
 from kombu.entity import Queue
-from kombu.messaging import Producer
 from sqlalchemy.exc import SADeprecationWarning
 
-from medcourier.engine.broker import Handler, WorkItem, dead_letter_queue_name, queue_name
+from medcourier.engine.broker import (
+    Handler,
+    Lane,
+    Pipelined,
+    WorkItem,
+    dead_letter_queue_name,
+    pipeline_of,
+    queue_name,
+    run_pipeline,
+)
 from medcourier.engine.errors import BrokerError
 
 log = structlog.get_logger(__name__)
@@ -57,7 +69,6 @@ log = structlog.get_logger(__name__)
 # kombu is untyped: reach it through ``Any`` so strict type checking stays on for our code.
 _Connection = cast(Any, Connection)
 _Queue = cast(Any, Queue)
-_Producer = cast(Any, Producer)
 
 _models_lock = threading.Lock()
 _models_configured = False
@@ -143,7 +154,13 @@ class EmbeddedBroker:
         # Owned by the publisher thread only.
         self._pub_connection: Any = None
         self._pub_channel: Any = None
-        self._producer: Any = None
+        self._pub_db: sqlite3.Connection | None = None
+        self._queue_ids: dict[str, int] = {}
+        # Publishes waiting for the publisher thread, written together (``_write_outbox``).
+        self._outbox: list[tuple[str, WorkItem, asyncio.Future[None]]] = []
+        self._outbox_task: asyncio.Task[None] | None = None
+        # Queue name -> wakes the pipelined consumer of that queue (a thread of this process).
+        self._wake: dict[str, Callable[[], None]] = {}
 
     @property
     def path(self) -> Path:
@@ -175,7 +192,6 @@ class EmbeddedBroker:
         _enable_wal(self._path)
         self._pub_connection = self._connection()
         self._pub_channel = self._pub_connection.channel()
-        self._producer = _Producer(self._pub_channel, auto_declare=False)
         for route in routes:
             queue = queue_name(self._instance, route)
             self._pub_channel.queue_declare(queue=queue, durable=True)
@@ -183,6 +199,7 @@ class EmbeddedBroker:
                 queue=dead_letter_queue_name(self._instance, route), durable=True
             )
             self._compact(queue)
+        self._pub_db = _open_queue_file(self._path)
 
     async def close(self) -> None:
         """Stop and join the consumer threads, then close the publishing thread's connection.
@@ -212,7 +229,10 @@ class EmbeddedBroker:
 
     def _close_publisher(self) -> None:
         connection, channel = self._pub_connection, self._pub_channel
-        self._pub_connection = self._pub_channel = self._producer = None
+        self._pub_connection = self._pub_channel = None
+        db, self._pub_db = self._pub_db, None
+        if db is not None:
+            db.close()
         if connection is not None:
             connection.release()
         if channel is not None:
@@ -233,8 +253,72 @@ class EmbeddedBroker:
     # ------------------------------------------------------------------ publishing
 
     async def publish(self, item: WorkItem) -> None:
-        """Insert the item into its route's queue; returns once the SQLite commit returned."""
-        await self._in_publisher(self._publish, item)
+        """Insert the item into its route's queue; returns once the SQLite commit returned.
+
+        Publishes made while the publisher thread is writing wait for it and then go together,
+        in one transaction (one fsync for them all), in the order they were made.
+        """
+        await self._enqueue(queue_name(self._instance, item.route), item)
+
+    async def _enqueue(self, queue: str, item: WorkItem) -> None:
+        if self._executor is None or self._closed:
+            raise BrokerError("the embedded broker is not started (or already closed)")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._outbox.append((queue, item, future))
+        if self._outbox_task is None:
+            self._outbox_task = loop.create_task(self._write_outbox())
+        await future
+
+    async def _write_outbox(self) -> None:
+        try:
+            while self._outbox:
+                batch, self._outbox = self._outbox, []
+                try:
+                    await self._in_publisher(self._insert, [(q, i) for q, i, _ in batch])
+                except BaseException as exc:
+                    error = exc if isinstance(exc, BrokerError) else BrokerError(str(exc))
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(error)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+        finally:
+            self._outbox_task = None
+            for _, _, future in self._outbox:  # cancelled: these were not queued
+                future.cancel()
+            self._outbox = []
+
+    def _insert(self, items: list[tuple[str, WorkItem]]) -> None:
+        """Publisher thread: insert the items, each into its queue, in one transaction.
+
+        The rows are kombu's (the same envelope as ``Producer.publish`` writes), so kombu's own
+        consumers and ``queue_purge`` read them as theirs.
+        """
+        db = self._pub_db
+        if db is None:
+            raise BrokerError("the embedded broker is not started (or already closed)")
+        rows = [(self._queue_id(db, queue), _envelope(queue, item)) for queue, item in items]
+        with _write_transaction(db):
+            db.executemany(
+                "INSERT INTO kombu_message (visible, timestamp, payload, version, queue_id)"
+                " VALUES (1, NULL, ?, 1, ?)",
+                [(payload, queue_id) for queue_id, payload in rows],
+            )
+        for name in {name for name, _ in items}:
+            wake = self._wake.get(name)
+            if wake is not None:
+                wake()
+
+    def _queue_id(self, db: sqlite3.Connection, queue: str) -> int:
+        found = self._queue_ids.get(queue)
+        if found is None:
+            found = self._queue_ids[queue] = _queue_id_of(db, queue)
+        return found
 
     async def publish_later(self, item: WorkItem, delay: float) -> None:
         """Publish ``item`` after ``delay`` seconds, from a timer of this process.
@@ -266,22 +350,7 @@ class EmbeddedBroker:
                 delay = min(delay * 2, 10.0)
 
     async def dead_letter(self, item: WorkItem, reason: str) -> None:
-        await self._in_publisher(
-            self._publish, item, dead_letter_queue_name(self._instance, item.route)
-        )
-
-    def _publish(self, item: WorkItem, queue: str | None = None) -> None:
-        queue = queue or queue_name(self._instance, item.route)
-        self._producer.publish(
-            item.to_bytes(),
-            exchange="",
-            routing_key=queue,
-            content_type="application/json",
-            content_encoding="utf-8",
-            delivery_mode=2,
-            message_id=item.transaction_id,
-            retry=False,
-        )
+        await self._enqueue(dead_letter_queue_name(self._instance, item.route), item)
 
     async def purge(self, route: str) -> int:
         """Delete every item of the route's queue; returns how many were waiting."""
@@ -297,7 +366,8 @@ class EmbeddedBroker:
         """Start the route's consumer thread; returns once it has its connection and queue.
 
         With ``prefetch`` above 1 (a parallel route) the thread keeps up to that many items in
-        flight at once, each acknowledged when its handler returns.
+        flight at once, each acknowledged when its handler returns. A FIFO route whose handler is
+        ``Pipelined`` takes up to its ``window`` ahead (``_consume_pipelined``).
         """
         loop = self._loop
         if loop is None or self._closed:
@@ -305,13 +375,17 @@ class EmbeddedBroker:
         if route in self._threads:
             raise BrokerError(f"route {route!r} already has a consumer")
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        pipeline = pipeline_of(handler, prefetch)
+        target: Any
+        args: tuple[Any, ...]
+        if pipeline is not None:
+            target, args = self._consume_pipelined, (route, pipeline, loop, ready)
+        elif prefetch <= 1:
+            target, args = self._consume_loop, (route, handler, loop, ready)
+        else:
+            target, args = self._consume_parallel, (route, handler, loop, ready, prefetch)
         thread = threading.Thread(
-            target=self._consume_loop if prefetch <= 1 else self._consume_parallel,
-            args=(route, handler, loop, ready)
-            if prefetch <= 1
-            else (route, handler, loop, ready, prefetch),
-            name=f"medcourier-queue-{route}",
-            daemon=True,
+            target=target, args=args, name=f"medcourier-queue-{route}", daemon=True
         )
         self._threads[route] = thread
         thread.start()
@@ -357,6 +431,121 @@ class EmbeddedBroker:
                         self._compact(queue_label)
         finally:
             # Unacknowledged (held) items are restored by kombu here, at the tail of the queue.
+            connection.release()
+            _close_channel_session(channel)
+
+    def _consume_pipelined(
+        self,
+        route: str,
+        pipeline: Pipelined,
+        loop: asyncio.AbstractEventLoop,
+        ready: concurrent.futures.Future[None],
+    ) -> None:
+        """Body of a pipelined FIFO route's consumer thread: fetch, hand over, acknowledge.
+
+        The thread keeps up to ``pipeline.window`` items taken from the queue and not yet
+        acknowledged, and takes what is waiting in one transaction (``_take``) rather than
+        kombu's one per item. ``run_pipeline``, on the event loop, begins them in order and
+        reports each one done (or failed) in ``finished``. A row taken is invisible already, as
+        kombu's ``get`` leaves it: acknowledging only counts it for compaction, and an item not
+        finished at close waits for the start-up rebuild of the queue, as an item a crash
+        interrupted does. A publish of this process wakes the thread (``_wake``), so the route
+        does not wait for the polling interval to see it.
+        """
+        queue_label = queue_name(self._instance, route)
+        opened = self._open_consumer(queue_label, ready)
+        if opened is None:
+            return
+        connection, channel, _source = opened
+        lane = Lane()
+        finished: queue.SimpleQueue[tuple[Any, bool] | None] = queue.SimpleQueue()
+        waits: set[asyncio.Task[None]] = set()
+
+        def track(task: asyncio.Task[None]) -> None:
+            waits.add(task)
+            task.add_done_callback(waits.discard)
+
+        held = acked = 0
+
+        def settled(entry: tuple[Any, bool] | None) -> None:
+            nonlocal held, acked
+            if entry is None:  # a wake-up: something was published
+                return
+            held -= 1
+            if entry[1]:
+                acked += 1
+                if acked % self._compact_every == 0:
+                    self._compact(queue_label)
+
+        db = _open_queue_file(self._path)
+        try:
+            runner = asyncio.run_coroutine_threadsafe(
+                run_pipeline(
+                    route,
+                    pipeline,
+                    lane,
+                    lambda token, ok: finished.put((token, ok)),
+                    track,
+                    self._requeue_delay,
+                ),
+                loop,
+            )
+        except RuntimeError:  # the loop is closed
+            db.close()
+            connection.release()
+            _close_channel_session(channel)
+            return
+        self._wake[queue_label] = lambda: finished.put(None)
+        try:
+            queue_id = _queue_id_of(db, queue_label)
+            while not self._stop.is_set() and not runner.done():
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        settled(finished.get_nowait())
+                if held < pipeline.window:
+                    try:
+                        rows = _take(db, queue_id, pipeline.window - held)
+                    except sqlite3.Error as exc:
+                        log.warning("broker.poll_failed", route=route, error=type(exc).__name__)
+                        self._stop.wait(max(self._polling_interval, 0.5))
+                        continue
+                    for row_id, payload in rows:
+                        try:
+                            item = _item_of(payload)
+                        except (ValueError, KeyError, TypeError) as exc:
+                            log.error(
+                                "broker.malformed_item_dropped",
+                                route=route,
+                                error=type(exc).__name__,
+                            )
+                            continue
+                        held += 1
+                        if not _call_soon(loop, lane.put, row_id, item):
+                            return
+                    if rows:
+                        continue  # take what else is waiting, up to the window
+                # Nothing waiting, or the window is full: wait for a delivery to finish, or for
+                # a publish.
+                with contextlib.suppress(queue.Empty):
+                    settled(finished.get(timeout=self._polling_interval))
+        finally:
+            self._wake.pop(queue_label, None)
+            _call_soon(loop, lane.close)
+            deadline = time.monotonic() + self._close_timeout
+            try:
+                runner.result(timeout=self._close_timeout)
+            except concurrent.futures.TimeoutError:
+                runner.cancel()  # a delivery still trying: its item waits for the next start
+            except Exception:  # the runner failed or was cancelled: nothing more to wait for
+                pass
+            # The deliveries begun: acknowledged once their status writes are done.
+            while held > 0 and waits:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                with contextlib.suppress(queue.Empty):
+                    settled(finished.get(timeout=min(left, 0.5)))
+            db.close()
             connection.release()
             _close_channel_session(channel)
 
@@ -541,3 +730,91 @@ class EmbeddedBroker:
                 )
         except sqlite3.Error as exc:
             log.warning("broker.compact_failed", queue=queue, error=type(exc).__name__)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> bool:
+    """Run ``fn(*args)`` on the loop from another thread; False if the loop is closed."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _open_queue_file(path: Path) -> sqlite3.Connection:
+    """A connection of our own to the queue file (kombu's tables), in autocommit mode: each
+    write is an explicit ``BEGIN IMMEDIATE`` … ``COMMIT`` (``_write_transaction``)."""
+    db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA synchronous=FULL")  # durable once committed, as kombu's commits are
+    return db
+
+
+@contextlib.contextmanager
+def _write_transaction(db: sqlite3.Connection) -> Iterator[None]:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _envelope(queue: str, item: WorkItem) -> str:
+    """The row kombu's ``Producer.publish`` writes for ``item`` (its virtual transport's message:
+    the body in Base64, the routing in the properties)."""
+    return json.dumps(
+        {
+            "body": base64.b64encode(item.to_bytes()).decode("ascii"),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {},
+            "properties": {
+                "message_id": item.transaction_id,
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": queue},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+    )
+
+
+def _item_of(payload: str) -> WorkItem:
+    """The work item in a kombu row's payload (``_envelope``).
+
+    :raises ValueError, KeyError, TypeError: a malformed row.
+    """
+    message = json.loads(payload)
+    body = message["body"]
+    if message.get("properties", {}).get("body_encoding") == "base64":
+        return WorkItem.from_bytes(base64.b64decode(body))
+    return WorkItem.from_bytes(body.encode() if isinstance(body, str) else body)
+
+
+def _queue_id_of(db: sqlite3.Connection, queue: str) -> int:
+    """The id of kombu's row for ``queue``, made if there is none (as kombu's ``_put`` does)."""
+    row = db.execute("SELECT id FROM kombu_queue WHERE name = ?", (queue,)).fetchone()
+    if row is None:
+        with _write_transaction(db):
+            db.execute("INSERT OR IGNORE INTO kombu_queue (name) VALUES (?)", (queue,))
+        row = db.execute("SELECT id FROM kombu_queue WHERE name = ?", (queue,)).fetchone()
+    return int(row[0])
+
+
+_TAKE = (
+    "SELECT id, payload FROM kombu_message WHERE queue_id = ? AND visible != 0"
+    " ORDER BY timestamp, id LIMIT ?"
+)
+
+
+def _take(db: sqlite3.Connection, queue_id: int, most: int) -> list[tuple[int, str]]:
+    """Up to ``most`` of the queue's waiting rows, oldest first, made invisible (taken) in one
+    transaction, as kombu's ``get`` does one at a time. An empty queue costs a read only."""
+    if not db.execute(_TAKE, (queue_id, 1)).fetchone():
+        return []
+    with _write_transaction(db):
+        rows = [(int(r[0]), str(r[1])) for r in db.execute(_TAKE, (queue_id, most))]
+        db.executemany("UPDATE kombu_message SET visible = 0 WHERE id = ?", [(r[0],) for r in rows])
+    return rows

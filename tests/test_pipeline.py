@@ -1,0 +1,415 @@
+"""The delivery side's pipeline: claims taken in batches, statuses written in batches, group
+commit without savepoints, and the brokers' windowed FIFO consumption (``Pipelined``).
+
+Store tests run on SQLite and PostgreSQL, broker tests on RabbitMQ and the embedded queue; the
+engine itself is exercised end to end by the ordering, admin, fault and crash-recovery tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import NoResultFound
+
+from medcourier.engine.broker import WorkItem
+from medcourier.engine.model import Status
+from medcourier.engine.schema import deliveries, payloads, status_events
+from medcourier.engine.store import AsyncStore, StatusChange, Store
+from tests.harness import pdf_bytes
+from tests.services import fresh_postgres_url, rabbitmq_url
+from tests.test_broker import Kind, closing, new_instance, run
+
+ROUTE = "r"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    s = Store(None if request.param == "sqlite" else fresh_postgres_url(), tmp_path / "data")
+    s.create_schema()
+    yield s
+    s.dispose()
+
+
+def add(store: Store, payload: bytes | None = None) -> str:
+    txid = uuid.uuid4().hex[:20]
+    store.accept_document(
+        transaction_id=txid,
+        created_at=datetime.now(UTC),
+        content_type="application/pdf",
+        document_type="11488-4",
+        title="t",
+        sender_identifier=None,
+        sender_application="test",
+        patient_id="p-1",
+        encounter_id=None,
+        payload=pdf_bytes() if payload is None else payload,
+        routes=[ROUTE],
+    )
+    return txid
+
+
+def row(store: Store, txid: str) -> Any:
+    with store.engine.connect() as c:
+        return c.execute(sa.select(deliveries).where(deliveries.c.transaction_id == txid)).one()
+
+
+def history(store: Store, txid: str) -> list[tuple[str, str | None]]:
+    return [(s.value, reason) for _, s, _, reason in store.history(txid)]
+
+
+class Statements:
+    """Counts what a connection sends (BEGIN and COMMIT included where the driver sends them)."""
+
+    def __init__(self, store: Store) -> None:
+        self.sent: list[str] = []
+        self.engine = store.engine
+        sa.event.listen(self.engine, "before_cursor_execute", self._count)
+
+    def _count(self, _c: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        self.sent.append(statement.split(None, 1)[0].upper())
+
+    def close(self) -> None:
+        sa.event.remove(self.engine, "before_cursor_execute", self._count)
+
+    def data(self) -> list[str]:
+        return [s for s in self.sent if s not in ("BEGIN", "COMMIT")]
+
+
+# --------------------------------------------------------------------------- claims
+
+
+def test_a_claim_is_three_statements_at_most(store: Store) -> None:
+    txid = add(store)
+    counter = Statements(store)
+    try:
+        claim = store.claim(txid, ROUTE)
+    finally:
+        counter.close()
+    assert claim is not None and claim.document is not None
+    assert claim.previous is Status.PREPARATION
+    assert claim.document.payload == pdf_bytes()
+    assert claim.document.patient == {"resourceType": "Patient", "id": "p-1"}
+    # SQLite: read, update, history insert; PostgreSQL: read, then the update in the insert's WITH.
+    assert len(counter.data()) == (3 if store.is_sqlite else 2), counter.sent
+    assert row(store, txid).status == Status.IN_PROGRESS.value
+    assert row(store, txid).attempts == 1
+    assert history(store, txid) == [("preparation", "accepted"), ("in-progress", None)]
+
+
+def test_a_claim_again_counts_the_attempt_and_adds_no_history(store: Store) -> None:
+    txid = add(store)
+    store.claim(txid, ROUTE)
+    again = store.claim(txid, ROUTE)
+    assert again is not None and again.document is not None
+    assert again.previous is Status.IN_PROGRESS
+    assert row(store, txid).attempts == 2
+    assert history(store, txid) == [("preparation", "accepted"), ("in-progress", None)]
+
+
+def test_a_final_delivery_is_not_claimed(store: Store) -> None:
+    txid = add(store)
+    store.set_status(txid, ROUTE, Status.COMPLETED, "done")
+    claim = store.claim(txid, ROUTE)
+    assert claim is not None and claim.document is None
+    assert claim.previous is Status.COMPLETED
+    assert row(store, txid).status == Status.COMPLETED.value
+    assert store.claim("nonexistent000000000", ROUTE) is None
+
+
+def test_a_claim_whose_payload_is_gone_fails_and_changes_nothing(store: Store) -> None:
+    txid = add(store)
+    with store.engine.begin() as c:
+        c.execute(payloads.delete().where(payloads.c.transaction_id == txid))
+    with pytest.raises(NoResultFound):
+        store.claim(txid, ROUTE)
+    assert row(store, txid).status == Status.PREPARATION.value
+    assert row(store, txid).attempts == 0
+    assert history(store, txid) == [("preparation", "accepted")]
+
+
+def test_the_items_behind_are_claimed_in_the_same_three_statements(store: Store) -> None:
+    head, *behind = [add(store) for _ in range(5)]
+    counter = Statements(store)
+    try:
+        claim, more = store.transaction(store.tx_claim_batch, ROUTE, head, behind)
+    finally:
+        counter.close()
+    assert claim is not None and claim.document is not None
+    assert set(more) == set(behind)
+    for txid in behind:
+        assert more[txid].previous is Status.PREPARATION
+        document = more[txid].document
+        assert document is not None and document.transaction_id == txid
+        assert row(store, txid).status == Status.IN_PROGRESS.value
+        assert history(store, txid) == [("preparation", "accepted"), ("in-progress", None)]
+    assert len(counter.data()) == (3 if store.is_sqlite else 2), counter.sent
+
+
+def test_what_cannot_be_claimed_ahead_is_left_for_its_turn(store: Store) -> None:
+    head = add(store)
+    final = add(store)
+    store.set_status(final, ROUTE, Status.ENTERED_IN_ERROR, "cancelled")
+    pruned = add(store)
+    with store.engine.begin() as c:
+        c.execute(payloads.delete().where(payloads.c.transaction_id == pruned))
+    big = add(store, b"%PDF" + b"x" * 5000)
+    fits = add(store)
+    ahead = [final, pruned, "nonexistent000000000", big, fits]
+    claim, more = store.transaction(store.tx_claim_batch, ROUTE, head, ahead, 4096)
+    assert claim is not None and claim.document is not None
+    # A final one is answered (dropped at its turn); the others wait untouched.
+    assert more[final].previous is Status.ENTERED_IN_ERROR and more[final].document is None
+    assert set(more) == {final, fits}
+    for txid in (pruned, big):
+        assert row(store, txid).status == Status.PREPARATION.value
+        assert row(store, txid).attempts == 0
+    assert row(store, fits).status == Status.IN_PROGRESS.value
+
+
+# --------------------------------------------------------------------------- statuses
+
+
+def test_a_status_change_reports_the_previous_status(store: Store) -> None:
+    txid = add(store)
+    counter = Statements(store)
+    try:
+        old = store.set_status(txid, ROUTE, Status.IN_PROGRESS, "taken")
+    finally:
+        counter.close()
+    assert old is Status.PREPARATION
+    assert len(counter.data()) == (3 if store.is_sqlite else 1), counter.sent
+    assert store.set_status(txid, ROUTE, Status.COMPLETED, "done") is Status.IN_PROGRESS
+    # A delivery that does not exist: no previous status, the history row is added as before.
+    assert store.set_status(txid, "other", Status.COMPLETED) is None
+    assert history(store, txid)[-2:] == [("completed", "done"), ("completed", None)]
+
+
+def test_status_changes_of_several_deliveries_go_together(store: Store) -> None:
+    first, second = add(store), add(store)
+    store.claim(first, ROUTE)
+    sent = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    changes = [
+        StatusChange(first, Status.COMPLETED, "delivered", sent),
+        StatusChange(second, Status.ENTERED_IN_ERROR, "refused"),
+        StatusChange("nonexistent000000000", Status.COMPLETED, "x"),
+    ]
+    counter = Statements(store)
+    try:
+        old = store.transaction(store.tx_set_statuses, ROUTE, changes)
+    finally:
+        counter.close()
+    assert old == [Status.IN_PROGRESS, Status.PREPARATION, None]
+    assert len(counter.data()) == 3, counter.sent
+    assert row(store, first).status == Status.COMPLETED.value
+    assert row(store, first).sent_at.replace(tzinfo=UTC) == sent
+    assert row(store, second).status == Status.ENTERED_IN_ERROR.value
+    assert row(store, second).sent_at is None
+    assert history(store, second)[-1] == ("entered-in-error", "refused")
+    # A change without a sent time keeps the one recorded.
+    store.transaction(
+        store.tx_set_statuses,
+        ROUTE,
+        [StatusChange(first, Status.COMPLETED, "again"), StatusChange(second, Status.COMPLETED)],
+    )
+    assert row(store, first).sent_at.replace(tzinfo=UTC) == sent
+
+
+# --------------------------------------------------------------------------- group commit
+
+
+def _insert_event(c: Connection, txid: str, fail: bool = False) -> str:
+    c.execute(
+        status_events.insert().values(
+            transaction_id=txid, route=ROUTE, status="completed", at=datetime.now(UTC)
+        )
+    )
+    if fail:
+        raise ValueError("this write fails")
+    return txid
+
+
+def test_a_batch_commits_once_and_a_failing_write_fails_alone(store: Store) -> None:
+    async_store = AsyncStore(store)
+    release = threading.Event()
+
+    def hold(c: Connection) -> None:
+        release.wait(10)
+
+    async def scenario() -> list[Any]:
+        first = asyncio.ensure_future(async_store.write(hold))
+        await asyncio.sleep(0.1)  # the writer holds: what follows waits for it, as one batch
+        tail = [async_store.write(_insert_event, f"ok-{i}") for i in range(5)]
+        tail.insert(2, async_store.write(_insert_event, "failing", True))
+        gathered = asyncio.gather(*tail, return_exceptions=True)
+        await asyncio.sleep(0.1)
+        release.set()
+        await first
+        return await gathered
+
+    commits: list[int] = []
+    sa.event.listen(store.engine, "commit", lambda _c: commits.append(1))
+    try:
+        results = asyncio.run(asyncio.wait_for(scenario(), 30))
+    finally:
+        async_store.close()
+    assert isinstance(results[2], ValueError)
+    assert [r for i, r in enumerate(results) if i != 2] == [f"ok-{i}" for i in range(5)]
+    assert history(store, "failing") == []
+    assert all(history(store, f"ok-{i}") == [("completed", None)] for i in range(5))
+    # the held write, the batch run without savepoints (rolled back), then again with them
+    assert len(commits) == 2
+
+
+def test_a_batch_without_failures_has_no_savepoints(store: Store) -> None:
+    async_store = AsyncStore(store)
+    release = threading.Event()
+    counter = Statements(store)
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(async_store.write(lambda c: release.wait(10)))
+        await asyncio.sleep(0.1)
+        tail = asyncio.gather(*(async_store.write(_insert_event, f"sp-{i}") for i in range(4)))
+        await asyncio.sleep(0.1)
+        release.set()
+        await first
+        await tail
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 30))
+    finally:
+        counter.close()
+        async_store.close()
+    assert not [s for s in counter.sent if s in ("SAVEPOINT", "RELEASE")], counter.sent
+    assert counter.data().count("INSERT") == 4
+
+
+# --------------------------------------------------------------------------- brokers
+
+
+@pytest.fixture(params=["amqp", "embedded"])
+def kind(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Kind]:
+    if request.param == "amqp":
+        rabbitmq_url()
+    k = Kind(request.param, tmp_path)
+    yield k
+    k.cleanup()
+
+
+class Pipeline:
+    """A ``Pipelined`` handler that records what it is given; each item's rest is a future the
+    test settles."""
+
+    window = 4
+
+    def __init__(self, fail_times: dict[str, int] | None = None) -> None:
+        self.calls: list[WorkItem] = []
+        self.begun: list[str] = []
+        self.seen_ahead: list[WorkItem] = []
+        self.rest: dict[str, asyncio.Future[None]] = {}
+        self.fail_times = dict(fail_times or {})
+
+    async def __call__(self, item: WorkItem) -> None:
+        raise AssertionError("a pipelined FIFO route is begun, not called")
+
+    async def begin(self, item: WorkItem, ahead: Sequence[WorkItem]) -> asyncio.Future[None]:
+        self.calls.append(item)
+        if self.fail_times.get(item.transaction_id, 0) > 0:
+            self.fail_times[item.transaction_id] -= 1
+            raise RuntimeError("begin failure requested by the test")
+        self.begun.append(item.transaction_id)
+        self.seen_ahead.extend(ahead)
+        future = asyncio.get_running_loop().create_future()
+        self.rest[item.transaction_id] = future
+        return future
+
+    async def wait_begun(self, count: int, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.begun) < count:
+            assert time.monotonic() < deadline, f"begun {self.begun}"
+            await asyncio.sleep(0.01)
+
+
+def test_a_fifo_route_is_begun_in_order_within_its_window(kind: Kind) -> None:
+    instance = new_instance()
+    broker = kind.make(instance, ["lab"])
+    pipeline = Pipeline()
+    txids = [f"tx-{i}" for i in range(10)]
+
+    async def scenario() -> list[str]:
+        await broker.start(["lab"])
+        for txid in txids:
+            await broker.publish(WorkItem(txid, "lab"))
+        await broker.consume("lab", pipeline)
+        await pipeline.wait_begun(4)
+        await asyncio.sleep(0.3)
+        held = list(pipeline.begun)  # nothing is acknowledged: the window is full
+        for txid in txids:
+            await pipeline.wait_begun(txids.index(txid) + 1)
+            pipeline.rest[txid].set_result(None)
+        await asyncio.sleep(0.2)
+        return held
+
+    held = run(closing(broker, scenario))
+    assert held == txids[:4]
+    assert pipeline.begun == txids
+    # An item announced ahead is later begun as that very object.
+    for item in pipeline.calls:
+        earlier = [a for a in pipeline.seen_ahead if a.transaction_id == item.transaction_id]
+        assert all(a is item for a in earlier)
+    assert kind.ready_count(instance, "lab") == 0
+
+
+def test_a_failed_begin_is_retried_in_place_before_the_next(kind: Kind) -> None:
+    instance = new_instance()
+    broker = kind.make(instance, ["lab"])
+    pipeline = Pipeline(fail_times={"tx-1": 2})
+
+    async def scenario() -> None:
+        await broker.start(["lab"])
+        for i in range(4):
+            await broker.publish(WorkItem(f"tx-{i}", "lab"))
+        await broker.consume("lab", pipeline)
+        for i in range(4):
+            await pipeline.wait_begun(i + 1)
+            pipeline.rest[f"tx-{i}"].set_result(None)
+
+    run(closing(broker, scenario))
+    calls = [c.transaction_id for c in pipeline.calls]
+    assert calls == ["tx-0", "tx-1", "tx-1", "tx-1", "tx-2", "tx-3"]
+    retried = [c for c in pipeline.calls if c.transaction_id == "tx-1"]
+    assert all(c is retried[0] for c in retried)
+
+
+def test_an_item_is_acknowledged_only_once_its_rest_is_done() -> None:
+    """RabbitMQ gives back what was begun but not finished when the consumer goes away."""
+    rabbitmq_url()
+    kind = Kind("amqp", Path("/nonexistent"))
+    instance = new_instance()
+    broker = kind.make(instance, ["lab"])
+    pipeline = Pipeline()
+
+    async def scenario() -> None:
+        await broker.start(["lab"])
+        for i in range(6):
+            await broker.publish(WorkItem(f"tx-{i}", "lab"))
+        await broker.consume("lab", pipeline)
+        await pipeline.wait_begun(4)
+        pipeline.rest["tx-0"].set_result(None)
+        await asyncio.sleep(0.2)
+        pipeline.rest["tx-1"].cancel()  # the rest failed: left unacknowledged
+
+    try:
+        run(closing(broker, scenario))
+        assert kind.ready_count(instance, "lab") == 5
+    finally:
+        kind.cleanup()
