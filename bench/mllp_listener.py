@@ -51,6 +51,10 @@ PYTHON_HL7 = "python-hl7 asyncio server"
 MEDPLUM = "@medplum/hl7 Hl7Server (node)"
 ENGINE_EMBEDDED = "medcourier engine, embedded (persists before ACK)"
 ENGINE_RABBITMQ = "medcourier engine, RabbitMQ+PostgreSQL (persists before ACK)"
+JOURNAL_EMBEDDED = "medcourier engine, embedded, ack after journal"
+JOURNAL_RABBITMQ = "medcourier engine, RabbitMQ+PostgreSQL, ack after journal"
+JOURNALED = (JOURNAL_EMBEDDED, JOURNAL_RABBITMQ)
+DRAIN_TIMEOUT = 900.0
 RABBIT = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 POSTGRES = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 READ_LIMIT = 4 * 1024 * 1024
@@ -144,9 +148,11 @@ async def serve_medcourier() -> None:
     await asyncio.Event().wait()
 
 
-async def serve_engine(backend: str) -> None:
+async def serve_engine(backend: str, journal: bool) -> None:
     """The whole engine: ADT upserts the directory, ORU stores and queues a document (delivered
-    to a simulated EHR in the same process), and only then is the message ACKed."""
+    to a simulated EHR in the same process), and only then is the message ACKed; with
+    ``journal``, the message is ACKed once journaled and applied just after (``ack_after:
+    journal``), and the store's URL is printed for the loader to watch the journal drain."""
     import signal
     import uuid
 
@@ -176,6 +182,7 @@ async def serve_engine(backend: str) -> None:
                     "host": HOST,
                     "port": 0,
                     "max_message_bytes": READ_LIMIT,
+                    "ack_after": "journal" if journal else "apply",
                 }
             ],
             "routes": [
@@ -196,6 +203,7 @@ async def serve_engine(backend: str) -> None:
         plugins = load_plugins()
         engine = Engine(parse_config(yaml.safe_dump(cfg), plugins, "bench.yaml"), plugins)
         await engine.start(http=False)
+        print(f"STORE {engine.store.sync.url}", flush=True)
         print(f"PORT {engine.inbound[0].port}", flush=True)  # type: ignore[attr-defined]
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -238,6 +246,7 @@ class Server:
     label: str
     process: subprocess.Popen[str]
     port: int
+    store: str | None = None  # the engine's store URL, printed by an engine server
 
     def stop(self) -> None:
         self.process.terminate()
@@ -255,10 +264,13 @@ def start_process(label: str, command: list[str], cwd: Path | None = None) -> Se
     )
     assert process.stdout is not None
     deadline = time.monotonic() + START_TIMEOUT
+    store = None
     while time.monotonic() < deadline:
         line = process.stdout.readline()
+        if line.startswith("STORE "):
+            store = line.split(maxsplit=1)[1].strip()
         if line.startswith("PORT "):
-            return Server(label, process, int(line.split()[1]))
+            return Server(label, process, int(line.split()[1]), store)
         if not line and process.poll() is not None:
             break
     process.kill()
@@ -292,6 +304,7 @@ class Figures:
     p50_ms: float
     p99_ms: float
     failures: int
+    applied_per_second: float | None = None  # ack after journal: received to journal empty
 
 
 async def one_connection(port: int, frames: list[bytes], latencies: list[float]) -> int:
@@ -317,7 +330,13 @@ def frames_with_ids(frames: list[bytes]) -> list[tuple[bytes, bytes]]:
     return [(data, data[1:].split(b"\r", 1)[0].split(b"|")[9]) for data in frames]
 
 
-async def load(port: int, build: Callable[[str], bytes], connections: int, count: int) -> Figures:
+async def load(
+    port: int,
+    build: Callable[[str], bytes],
+    connections: int,
+    count: int,
+    journal: str | None = None,
+) -> Figures:
     share = [
         count // connections + (1 if i < count % connections else 0) for i in range(connections)
     ]
@@ -331,13 +350,38 @@ async def load(port: int, build: Callable[[str], bytes], connections: int, count
     started = time.perf_counter()
     failures = await asyncio.gather(*(one_connection(port, b, latencies) for b in batches))
     elapsed = time.perf_counter() - started
+    applied = None
+    if journal is not None:  # the next case starts once this one's messages are applied
+        await asyncio.to_thread(wait_journal_empty, journal)
+        applied = count / (time.perf_counter() - started)
     latencies.sort()
     return Figures(
         acks_per_second=len(latencies) / elapsed,
         p50_ms=statistics.median(latencies) * 1000,
         p99_ms=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
         failures=sum(failures) + count - len(latencies),
+        applied_per_second=applied,
     )
+
+
+def wait_journal_empty(store_url: str) -> None:
+    """Poll the engine's journal (its own store, read beside it) until every row is applied."""
+    import sqlalchemy as sa
+
+    from medcourier.engine.schema import inbound_journal
+
+    db = sa.create_engine(store_url)
+    q = sa.select(sa.func.count()).select_from(inbound_journal)
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    try:
+        while time.monotonic() < deadline:
+            with db.connect() as c:
+                if c.execute(q).scalar_one() == 0:
+                    return
+            time.sleep(0.01)
+        raise RuntimeError("the journal did not drain")
+    finally:
+        db.dispose()
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -350,10 +394,22 @@ def main() -> int:
     parser.add_argument("--connections", default="1,8,32", help="comma-separated counts")
     parser.add_argument(
         "--serve",
-        choices=["medcourier", "python-hl7", "engine-embedded", "engine-rabbitmq"],
+        choices=[
+            "medcourier",
+            "python-hl7",
+            "engine-embedded",
+            "engine-rabbitmq",
+            "engine-embedded-journal",
+            "engine-rabbitmq-journal",
+        ],
         help=argparse.SUPPRESS,
     )
     parser.add_argument("--no-engine", action="store_true", help="skip the whole-engine rows")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated row labels (or unique parts of them) to run, default all",
+    )
     args = parser.parse_args()
     if args.serve == "medcourier":
         asyncio.run(serve_medcourier())
@@ -361,8 +417,9 @@ def main() -> int:
     if args.serve == "python-hl7":
         asyncio.run(serve_python_hl7())
         return 0
-    if args.serve in ("engine-embedded", "engine-rabbitmq"):
-        asyncio.run(serve_engine(args.serve.removeprefix("engine-")))
+    if args.serve and args.serve.startswith("engine-"):
+        backend = args.serve.removeprefix("engine-").removesuffix("-journal")
+        asyncio.run(serve_engine(backend, args.serve.endswith("-journal")))
         return 0
 
     connection_counts = [int(n) for n in args.connections.split(",")]
@@ -385,7 +442,22 @@ def main() -> int:
                     ENGINE_RABBITMQ,
                     lambda: start_process(ENGINE_RABBITMQ, [*me, "--serve", "engine-rabbitmq"]),
                 ),
+                (
+                    JOURNAL_EMBEDDED,
+                    lambda: start_process(
+                        JOURNAL_EMBEDDED, [*me, "--serve", "engine-embedded-journal"]
+                    ),
+                ),
+                (
+                    JOURNAL_RABBITMQ,
+                    lambda: start_process(
+                        JOURNAL_RABBITMQ, [*me, "--serve", "engine-rabbitmq-journal"]
+                    ),
+                ),
             ]
+        only = [part.strip() for part in args.only.split(",") if part.strip()]
+        if only:
+            starters = [(lb, st) for lb, st in starters if any(o in lb for o in only)]
         for label, start in starters:
             try:
                 server = start()
@@ -394,12 +466,13 @@ def main() -> int:
                     for n in connection_counts:
                         results[label, kind, n] = f"unavailable: {exc}"
                 continue
+            journal = server.store if label in JOURNALED else None
             try:
-                asyncio.run(load(server.port, adt_a01, 4, 200))  # warm-up
+                asyncio.run(load(server.port, adt_a01, 4, 200, journal))  # warm-up
                 for kind, build in MESSAGES.items():
                     for n in connection_counts:
                         results[label, kind, n] = asyncio.run(
-                            load(server.port, build, n, counts[kind])
+                            load(server.port, build, n, counts[kind], journal)
                         )
                         print(f"  done: {label}, {kind}, {n} conn", file=sys.stderr, flush=True)
             finally:
@@ -415,12 +488,13 @@ def start_medplum(directory: Path) -> Server:
 
 def print_table(results: dict[tuple[str, str, int], Figures | str], connections: list[int]) -> None:
     print(f"{'server':<60} {'message':<13} {'conns':>5} {'ACK/s':>9} {'p50 ms':>8} "
-          f"{'p99 ms':>8} {'vs python-hl7':>14}")  # fmt: skip
-    print("-" * 123)
+          f"{'p99 ms':>8} {'vs python-hl7':>14} {'applied/s':>10}")  # fmt: skip
+    print("-" * 134)
     for kind in MESSAGES:
         for n in connections:
             baseline = results.get((PYTHON_HL7, kind, n))
-            for label in (MEDCOURIER, ENGINE_EMBEDDED, ENGINE_RABBITMQ, PYTHON_HL7, MEDPLUM):
+            labels = (MEDCOURIER, ENGINE_EMBEDDED, ENGINE_RABBITMQ, *JOURNALED, PYTHON_HL7, MEDPLUM)
+            for label in labels:
                 if (label, kind, n) not in results:
                     continue
                 figures = results.get((label, kind, n))
@@ -433,9 +507,11 @@ def print_table(results: dict[tuple[str, str, int], Figures | str], connections:
                     else "-"
                 )
                 failed = f"  ({figures.failures} failed)" if figures.failures else ""
+                applied = figures.applied_per_second
+                drained = f"{applied:>10,.0f}" if applied is not None else f"{'':>10}"
                 print(
                     f"{label:<60} {kind:<13} {n:>5} {figures.acks_per_second:>9,.0f} "
-                    f"{figures.p50_ms:>8.2f} {figures.p99_ms:>8.2f} {ratio:>14}{failed}"
+                    f"{figures.p50_ms:>8.2f} {figures.p99_ms:>8.2f} {ratio:>14} {drained}{failed}"
                 )
         print()
 

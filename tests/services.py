@@ -12,10 +12,12 @@ Order of preference, per service:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import shutil
 import socket
 import subprocess
 import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -134,6 +136,24 @@ def fresh_postgres_url() -> str:
     """
     if "fresh_postgres" in _cache:
         return _cache["fresh_postgres"]
+    url, drop = _new_database()
+    atexit.register(drop)
+    _cache["fresh_postgres"] = url
+    return url
+
+
+@contextlib.contextmanager
+def own_postgres_database() -> Iterator[str]:
+    """A database of one test's own, for a test that counts every row of a table."""
+    url, drop = _new_database()
+    try:
+        yield url
+    finally:
+        drop()
+
+
+def _new_database() -> tuple[str, Callable[[], None]]:
+    """Create an empty database; return its URL and what drops it."""
     import uuid
 
     import sqlalchemy as sa
@@ -152,7 +172,28 @@ def fresh_postgres_url() -> str:
             c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         eng.dispose()
 
-    atexit.register(drop)
-    url = base.rsplit("/", 1)[0] + f"/{name}"
-    _cache["fresh_postgres"] = url
-    return url
+    return base.rsplit("/", 1)[0] + f"/{name}", drop
+
+
+def delete_broker_objects(url: str, instance: str, routes: list[str]) -> None:
+    """Delete what an engine of ``instance`` declared on RabbitMQ: its routes' queues and dead
+    letter queues, and its exchange (the server outlives the test session)."""
+    import pika
+    import pika.exceptions
+
+    from medcourier.engine.broker import dead_letter_queue_name, exchange_name, queue_name
+
+    conn = pika.BlockingConnection(pika.URLParameters(url.replace(":5672//", ":5672/%2F")))
+    try:
+        for route in routes:
+            for queue in (queue_name(instance, route), dead_letter_queue_name(instance, route)):
+                ch = conn.channel()
+                with contextlib.suppress(pika.exceptions.AMQPError):
+                    ch.queue_delete(queue)
+                if ch.is_open:
+                    ch.close()
+        ch = conn.channel()
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            ch.exchange_delete(exchange_name(instance))
+    finally:
+        conn.close()

@@ -19,11 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pika
 import pytest
 import sqlalchemy as sa
 
-from medcourier.engine.broker import dead_letter_queue_name, exchange_name, queue_name
 from medcourier.engine.schema import deliveries, documents, payloads, renderings
 from tests.harness import (
     LIMITED_TOKEN,
@@ -35,7 +33,7 @@ from tests.harness import (
     pdf_bytes,
     running_engine,
 )
-from tests.services import fresh_postgres_url, rabbitmq_url
+from tests.services import delete_broker_objects, fresh_postgres_url, rabbitmq_url
 
 ROUTES = ["ehr-a", "ehr-keep"]
 SENDER_TOKEN = "sender-token-0123456789abcdef"
@@ -61,20 +59,7 @@ def _keep_route(port: int) -> dict[str, Any]:
 
 
 def _delete_amqp(url: str, instance: str) -> None:
-    conn = pika.BlockingConnection(pika.URLParameters(url.replace(":5672//", ":5672/%2F")))
-    try:
-        for route in ROUTES:
-            for queue in (queue_name(instance, route), dead_letter_queue_name(instance, route)):
-                ch = conn.channel()
-                with contextlib.suppress(pika.exceptions.AMQPError):
-                    ch.queue_delete(queue)
-                if ch.is_open:
-                    ch.close()
-        ch = conn.channel()
-        with contextlib.suppress(pika.exceptions.AMQPError):
-            ch.exchange_delete(exchange_name(instance))
-    finally:
-        conn.close()
+    delete_broker_objects(url, instance, list(ROUTES))
 
 
 @pytest.fixture(params=["embedded", "rabbitmq+postgresql"])

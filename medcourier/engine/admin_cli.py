@@ -1,4 +1,5 @@
-"""``medcourier replay | cancel | pause | resume``: operator actions beside a running engine.
+"""``medcourier replay | cancel | pause | resume | journal``: operator actions beside a running
+engine.
 
 Each command opens the store (and, for replay, the queues) named by the config file itself, so it
 acts on a running engine without going through its API: the embedded default shares the SQLite
@@ -32,12 +33,18 @@ from medcourier.engine.admin import (
 )
 from medcourier.engine.config import Config, load_config
 from medcourier.engine.control import tx_set_route_state
+from medcourier.engine.inbound_journal import (
+    JournalEntry,
+    read_entries,
+    tx_discard_failed,
+    tx_release_failed,
+)
 from medcourier.engine.model import Status
 from medcourier.engine.plugins import Plugins
 from medcourier.engine.service import route_broker, start_route_broker
 from medcourier.engine.store import AsyncStore, Store
 
-COMMANDS = ("replay", "cancel", "pause", "resume")
+COMMANDS = ("replay", "cancel", "pause", "resume", "journal")
 STATUSES = [s.value for s in Status if s is not Status.UNKNOWN]
 
 
@@ -106,6 +113,21 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     resume.add_argument("--config", "-c", required=True, help="YAML configuration file")
     resume.add_argument("route", help="route name")
 
+    journal = sub.add_parser(
+        "journal",
+        help="messages MLLP listeners journaled (ack_after: journal) and could not apply",
+        description="List the journal's failed messages (default) or those still to apply; "
+        "--retry puts failed ones back to be applied in order, --discard deletes them.",
+    )
+    journal.add_argument("--config", "-c", required=True, help="YAML configuration file")
+    journal.add_argument("--channel", help="only this listener's journal")
+    journal.add_argument(
+        "--pending", action="store_true", help="list messages still to apply instead"
+    )
+    what = journal.add_mutually_exclusive_group()
+    what.add_argument("--retry", type=int, nargs="+", metavar="SEQ", help="apply these again")
+    what.add_argument("--discard", type=int, nargs="+", metavar="SEQ", help="delete these")
+
 
 def run(args: argparse.Namespace, plugins: Plugins) -> int:
     config = load_config(args.config, plugins)
@@ -114,6 +136,8 @@ def run(args: argparse.Namespace, plugins: Plugins) -> int:
             return asyncio.run(_replay(args, config, plugins))
         if args.command == "cancel":
             return asyncio.run(_cancel(args, config, plugins))
+        if args.command == "journal":
+            return _journal(args, config)
         return _pause(args, config, paused=args.command == "pause")
     except AdminError as exc:
         print(f"medcourier {args.command}: {exc.message}", file=sys.stderr)
@@ -249,3 +273,37 @@ def _pause(args: argparse.Namespace, config: Config, *, paused: bool) -> int:
     if paused:
         print("running engines hold its queue within a second; an item being delivered finishes")
     return 0
+
+
+def _journal(args: argparse.Namespace, config: Config) -> int:
+    store = _store(config)
+    try:
+        if args.retry:
+            count = store.transaction(tx_release_failed, args.retry)
+            print(f"{count} of {len(args.retry)} failed messages put back to apply")
+            print("a running engine applies them within seconds, in journal order")
+            return 0 if count == len(args.retry) else 1
+        if args.discard:
+            count = store.transaction(tx_discard_failed, args.discard)
+            print(f"{count} of {len(args.discard)} failed messages deleted")
+            return 0 if count == len(args.discard) else 1
+        with store.engine.connect() as c:
+            entries = read_entries(c, args.channel, failed=not args.pending, limit=1000)
+    finally:
+        store.dispose()
+    print(journal_table(entries))
+    return 0
+
+
+def journal_table(entries: Sequence[JournalEntry]) -> str:
+    """One line per journaled message: what identifies it to its sender, and the reason."""
+    if not entries:
+        return "no messages"
+    lines = ["seq\tchannel\treceived\ttype\tcontrol id\treason"]
+    for e in entries:
+        m = e.message
+        reason = (e.reason or "").replace("\n", " ")
+        lines.append(
+            f"{e.seq}\t{m.channel}\t{e.received_at}\t{m.message_type}\t{m.control_id}\t{reason}"
+        )
+    return "\n".join(lines)

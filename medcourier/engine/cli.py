@@ -46,7 +46,7 @@ def _parser(plugins: Plugins) -> argparse.ArgumentParser:
     prune.add_argument(
         "--vacuum", action="store_true", help="then VACUUM (SQLite: stop the engine first)"
     )
-    from medcourier.engine import admin_cli  # replay, cancel, pause, resume
+    from medcourier.engine import admin_cli  # replay, cancel, pause, resume, journal
 
     admin_cli.add_parsers(sub)
     for command in plugins.commands.values():
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             mclog.configure("warning")
             return prune_command(args, plugins)
-        if args.command in ("replay", "cancel", "pause", "resume"):
+        if args.command in ("replay", "cancel", "pause", "resume", "journal"):
             from medcourier.engine import admin_cli
 
             mclog.configure("warning")

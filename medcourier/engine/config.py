@@ -257,12 +257,22 @@ class Route:
 class Inbound:
     """An inbound channel with its options parsed by the channel's plugin."""
 
-    def __init__(self, name: str, channel: str, options: Any, routes: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        channel: str,
+        options: Any,
+        routes: tuple[str, ...] = (),
+        ack_after: str = "apply",
+    ) -> None:
         self.name = name
         self.channel = channel
         self.options = options
         # When set, documents from this channel go to exactly these routes (no matching).
         self.routes = routes
+        # "apply": answer once the message is applied (directory updated, documents queued);
+        # "journal": once checked and journaled, applied just after (engine/inbound_journal.py).
+        self.ack_after = ack_after
 
 
 class Config:
@@ -407,6 +417,16 @@ def parse_config(
     return Config(settings, routes, source, inbound)
 
 
+ACK_AFTER = ("apply", "journal")
+"""When an inbound channel answers its sender: once the message is applied, or journaled."""
+
+JOURNALED_CHANNELS = ("mllp",)
+"""Channels whose senders wait for each answer, for whom ``ack_after: journal`` is meant."""
+
+INBOUND_CORE_KEYS = ("name", "routes", "ack_after")
+"""Keys of an ``inbound[]`` entry the core reads; the rest are the channel plugin's options."""
+
+
 def _inbound(
     settings: Settings, plugins: Plugins, problems: list[str], context: dict[str, Any]
 ) -> list[Inbound]:
@@ -435,14 +455,24 @@ def _inbound(
         for j, route in enumerate(routes):
             if route not in {r.name for r in settings.routes}:
                 problems.append(f"{where}.routes[{j}]: no route named {route!r}")
+        ack_after = raw.get("ack_after", "apply")
+        if ack_after not in ACK_AFTER:
+            problems.append(f"{where}.ack_after: one of {', '.join(ACK_AFTER)}")
+            continue
+        if ack_after == "journal" and kind.name not in JOURNALED_CHANNELS:
+            problems.append(
+                f"{where}.ack_after: journal is for {', '.join(JOURNALED_CHANNELS)} listeners "
+                f"(a {kind.name} input is answered once applied)"
+            )
+            continue
         try:
             options = kind.options_model.model_validate(
-                {k: v for k, v in raw.items() if k not in ("name", "routes")}, context=context
+                {k: v for k, v in raw.items() if k not in INBOUND_CORE_KEYS}, context=context
             )
         except ValidationError as exc:
             problems.extend(_errors(exc, where))
             continue
-        found.append(Inbound(name, kind.name, options, tuple(routes)))
+        found.append(Inbound(name, kind.name, options, tuple(routes), ack_after))
     return found
 
 

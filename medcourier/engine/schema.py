@@ -107,6 +107,33 @@ inbound_log = sa.Table(
     sa.Column("transaction_ids", sa.Text, nullable=False, default=""),
 )
 
+# Messages an MLLP listener with ``ack_after: journal`` ACKed once they were written here, not
+# yet applied (engine/inbound_journal.py). A row is deleted once applied; one the engine could
+# not apply stays, ``failed`` with the reason, for an operator to read and resend.
+inbound_journal = sa.Table(
+    "inbound_journal",
+    metadata,
+    sa.Column(
+        "seq",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),  # SQLite: the rowid, increasing
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("channel", sa.String(63), nullable=False),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("failed", sa.Boolean, nullable=False, default=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("control_id", sa.String(400), nullable=False),
+    sa.Column("sending_application", sa.String(400), nullable=False),
+    sa.Column("sending_facility", sa.String(400), nullable=False),
+    sa.Column("message_type", sa.String(20), nullable=False),
+    sa.Column("peer", sa.String(200)),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Index("ix_inbound_journal_channel", "channel", "failed", "seq"),
+    # Never reuse a number once the table empties: the applier keys what it kept by it.
+    sqlite_autoincrement=True,
+)
+
 # FHIR resources the engine keeps as sent (seed 001's flow: Practitioner, Organization,
 # DocumentReference, CommunicationRequest). A CommunicationRequest carries the transaction id of
 # the document it created, so its Communications are found from either side.

@@ -24,7 +24,8 @@ from medcourier.engine.clock import now
 from medcourier.engine.config import Config
 from medcourier.engine.control import RouteControl
 from medcourier.engine.errors import BrokerError
-from medcourier.engine.inbound import InboundChannel
+from medcourier.engine.inbound import InboundChannel, InboundSink
+from medcourier.engine.inbound_journal import JournalApplier, JournalingSink
 from medcourier.engine.inbound_sink import EngineSink
 from medcourier.engine.model import Status
 from medcourier.engine.plugins import Plugins
@@ -105,6 +106,7 @@ class Engine:
         self.workers: dict[str, RouteWorker] = {}
         self.base_url = s.http.base_url()
         self.inbound: list[InboundChannel] = []
+        self.appliers: list[JournalApplier] = []  # of listeners with ack_after: journal
         self.pruner = Pruner(self.store, config)
         self.control = RouteControl(self.store)  # pause / resume, shared through the store
         self._server: uvicorn.Server | None = None
@@ -201,7 +203,13 @@ class Engine:
         """Listeners and folders start after the workers, which take the work they hand on."""
         window = timedelta(hours=self.config.settings.duplicate_window_hours)
         for spec in self.config.inbound:
-            sink = EngineSink(self, window, spec.routes)
+            engine_sink = EngineSink(self, window, spec.routes)
+            sink: InboundSink = engine_sink
+            if spec.ack_after == "journal":
+                applier = JournalApplier(engine_sink, self.store, spec.name)
+                applier.start()  # before the listener: rows a crash left are applied first
+                self.appliers.append(applier)
+                sink = JournalingSink(engine_sink, applier)
             channel = self.plugins.inbound[spec.channel].open(spec.options, sink, spec.name)
             await channel.start()
             self.inbound.append(channel)
@@ -238,6 +246,8 @@ class Engine:
         # Inbound first: nothing new is accepted while the rest shuts down.
         for channel in reversed(self.inbound):
             await channel.stop()
+        for applier in self.appliers:  # what listeners journaled, while the queue is still up
+            await applier.stop()
         if self._server is not None and self._server_task is not None:
             self._server.should_exit = True
             await self._server_task
@@ -291,6 +301,9 @@ class Engine:
                 if await self.store.run(self.store.sync.transaction_exists, txid):
                     continue
                 raise
+        # Stored: the request (and its payload) is let go, while a worker may read it back.
+        dedupe = req.dedupe
+        del req
         for r in routes:
             # told before publishing: once queued, a worker may move it on at once
             self.plugins.hook.medcourier_status_changed(
@@ -315,8 +328,8 @@ class Engine:
             # Nothing was queued: the sender is told so and may send again.
             raise failed[0][1]
         # Some routes were queued: the document is accepted; the others show entered-in-error.
-        if req.dedupe is not None:
-            await self.store.write(self.store.sync.tx_remember, *req.dedupe, [txid])
+        if dedupe is not None:
+            await self.store.write(self.store.sync.tx_remember, *dedupe, [txid])
         for r in routes:
             log.info("accepted", transaction_id=txid, route=r.name, status="preparation")
         return txid
