@@ -29,12 +29,14 @@ run: $(STAMP) $(TOKEN_FILE)
 test: $(STAMP)
 	$(BIN)/ruff check medcourier tests bench
 	$(BIN)/mypy
+	$(BIN)/mypy bench
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check medcourier tests bench
 	$(BIN)/ruff format --check medcourier tests bench
 	$(BIN)/mypy
+	$(BIN)/mypy bench
 
 bench: $(STAMP)
 	$(BIN)/python bench/e2e_send_to_ehr.py

@@ -77,7 +77,11 @@ def fresh_database(name: str, drop: bool = False) -> str:
     return POSTGRES.rsplit("/", 1)[0] + f"/{name}"
 
 
-def config(data_dir: Path, http_port: int, ehr_port: int, backend: str, instance: str) -> str:
+def config(
+    data_dir: Path, http_port: int, ehr_port: int, backend: str, instance: str, routes: int = 1
+) -> str:
+    """One engine; ``routes`` routes all taking the bench patient's documents (its organization),
+    all delivering to the one EHR simulator."""
     cfg: dict[str, Any] = {
         "instance": instance,
         "data_dir": str(data_dir),
@@ -87,17 +91,27 @@ def config(data_dir: Path, http_port: int, ehr_port: int, backend: str, instance
         "limits": {"max_document_bytes": 64 * 1024 * 1024},
         "routes": [
             {
-                "name": "bench-ehr",
-                "match": {"fallback": True},
+                "name": route_name(n),
+                # the first also takes documents of patients without the organization
+                # (bench/memory_peak.py and medcourier bench create such patients)
+                "match": {"organizations": [ORGANIZATION], "fallback": n == 0},
                 "format": "hl7v2-oru",
                 "deliver": {"connector": "mllp", "host": "127.0.0.1", "port": ehr_port},
             }
+            for n in range(routes)
         ],
     }
     if backend == "rabbitmq":
         cfg["broker"] = RABBIT
         cfg["store"] = fresh_database(instance.replace("-", "_"))
     return yaml.safe_dump(cfg)
+
+
+ORGANIZATION = "Organization/bench"
+
+
+def route_name(n: int) -> str:
+    return "bench-ehr" if n == 0 else f"bench-ehr-{n + 1}"
 
 
 async def wait_http(base: str, proc: subprocess.Popen[bytes]) -> None:
@@ -167,6 +181,7 @@ async def run_case(
     concurrency: int,
     ehr_in_process: bool = False,
     rate: float | None = None,
+    routes: int = 1,
 ) -> dict[str, Any]:
     ehr: RemoteEhr | LocalEhr = LocalEhr() if ehr_in_process else RemoteEhr()
     await ehr.start()
@@ -174,7 +189,9 @@ async def run_case(
     instance = f"bench-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "bench.yaml"
-        cfg_path.write_text(config(Path(tmp) / "data", http_port, ehr.port, backend, instance))
+        cfg_path.write_text(
+            config(Path(tmp) / "data", http_port, ehr.port, backend, instance, routes)
+        )
         log = (Path(tmp) / "engine.log").open("wb")
         # BENCH_WRAP="py-spy record -o profile.svg --" profiles the engine process
         wrap = os.environ.get("BENCH_WRAP", "").split()
@@ -194,14 +211,14 @@ async def run_case(
         base = f"http://127.0.0.1:{http_port}"
         try:
             await wait_http(base, proc)
-            result = await load(base, size, count, concurrency, ehr, rate)
+            result = await load(base, size, count, concurrency, ehr, rate, routes)
         finally:
             proc.send_signal(signal.SIGINT if wrap else signal.SIGTERM)
             proc.wait(60)
             log.close()
             await ehr.stop()
             if backend == "rabbitmq":
-                cleanup_amqp(instance)
+                cleanup_amqp(instance, routes)
                 fresh_database(instance.replace("-", "_"), drop=True)
     return {
         "backend": backend,
@@ -209,14 +226,16 @@ async def run_case(
         "count": count,
         "concurrency": concurrency,
         "rate": rate or "-",
+        "routes": routes,
         **result,
     }
 
 
-def cleanup_amqp(instance: str) -> None:
+def cleanup_amqp(instance: str, routes: int = 1) -> None:
     conn = pika.BlockingConnection(pika.URLParameters(RABBIT.replace(":5672//", ":5672/%2F")))
     ch = conn.channel()
-    ch.queue_delete(f"{instance}.route.bench-ehr")
+    for n in range(routes):
+        ch.queue_delete(f"{instance}.route.{route_name(n)}")
     ch.exchange_delete(f"{instance}.routes")
     conn.close()
 
@@ -228,6 +247,7 @@ async def load(
     concurrency: int,
     ehr: RemoteEhr | LocalEhr,
     rate: float | None = None,
+    routes: int = 1,
 ) -> dict[str, Any]:
     """Post ``count`` documents from ``concurrency`` clients, back to back, or with ``rate`` the
     i-th no sooner than i/rate seconds after the start (a paced load, to read latency below
@@ -242,6 +262,7 @@ async def load(
                     "resourceType": "Patient",
                     "name": [{"family": "Bench", "given": ["Load"]}],
                     "identifier": [{"system": "urn:oid:1.2.250.1.999.1", "value": "BENCH-1"}],
+                    "managingOrganization": {"reference": ORGANIZATION},
                 },
             )
         ).json()["id"]
@@ -280,7 +301,7 @@ async def load(
         start = time.time()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         accepted_in = time.time() - start
-        while ehr.count < len(submitted):
+        while ehr.count < len(submitted) * routes:
             await asyncio.sleep(0.05)
             if time.time() - start > 600:
                 break
@@ -294,13 +315,14 @@ async def load(
                         "/fhir/CommunicationRequest/$tracking", params={"transaction-id": txid}
                     )
                 ).json()
-                comm = bundle["entry"][0]["resource"]
-                if comm["status"] == "completed":
-                    done = datetime.fromisoformat(comm["sent"]).timestamp()
+                comms = [entry["resource"] for entry in bundle["entry"]]
+                statuses = {comm["status"] for comm in comms}
+                if statuses == {"completed"}:  # every route's delivery
+                    done = max(datetime.fromisoformat(comm["sent"]).timestamp() for comm in comms)
                     latencies.append(done - t0)
                     last_done = max(last_done, done)
                     break
-                if comm["status"] == "entered-in-error":
+                if "entered-in-error" in statuses:
                     errors += 1
                     break
                 await asyncio.sleep(0.05)
@@ -329,6 +351,9 @@ def main() -> None:
     parser.add_argument("--count-large", type=int, default=50, help="documents per 1 MB case")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument(
+        "--routes", type=int, default=1, help="routes each document goes to (same EHR)"
+    )
+    parser.add_argument(
         "--rate", type=float, help="documents per second offered (default: as fast as accepted)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -346,7 +371,15 @@ def main() -> None:
                 continue
             rows.append(
                 asyncio.run(
-                    run_case(backend, size, count, args.concurrency, args.ehr_in_process, args.rate)
+                    run_case(
+                        backend,
+                        size,
+                        count,
+                        args.concurrency,
+                        args.ehr_in_process,
+                        args.rate,
+                        args.routes,
+                    )
                 )
             )
     if args.json:
@@ -358,6 +391,7 @@ def main() -> None:
         "count",
         "concurrency",
         "rate",
+        "routes",
         "completed",
         "errors",
         "accept_per_s",

@@ -30,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e_send_to_ehr import (
     RABBIT,
     TOKEN,
+    RemoteEhr,
     free_port,
     fresh_database,
     load,
     wait_http,
 )
 
-from medcourier.channels.mllp.simulator import EhrSimulator
 from medcourier.engine.broker.amqp import amqp_parameters
 
 
@@ -85,7 +85,7 @@ def start(cfg: Path, role: str, log: Path) -> subprocess.Popen[bytes]:
 
 
 async def run_case(workers: int, ordering: str, count: int, concurrency: int) -> dict[str, Any]:
-    ehr = EhrSimulator()
+    ehr = RemoteEhr()  # in a process of its own, as in the end-to-end bench
     await ehr.start()
     http_port = free_port()
     instance = f"scale-{uuid.uuid4().hex[:8]}"
