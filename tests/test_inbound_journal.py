@@ -129,6 +129,23 @@ def test_a_message_that_cannot_be_checked_is_still_answered_ae(
     assert _journal_rows(eng) == 0  # the bad one was never journaled
 
 
+def test_a_bad_document_is_answered_ae_and_not_journaled(
+    lt: LoopThread, eng: Running, hospa: EhrSimulator
+) -> None:
+    good = oru("DOC-J1", pdf_bytes(500))
+    not_a_pdf = base64.b64encode(b"this is not a PDF").decode()
+    two = (
+        good.replace("DOC-J1", "DOC-J2")
+        + f"OBX|2|ED|11502-2^Bilan^LN||^AP^PDF^Base64^{not_a_pdf}||||||F\r"
+    )
+    acks = lt.run(_exchange(_port(eng), [ADT_A01.format(cid="ADT-J4"), two, good]))
+    assert [_msa(a) for a in acks] == [("AA", "ADT-J4"), ("AE", "DOC-J2"), ("AA", "DOC-J1")]
+    assert "OBX" in str(acks[1].segment("ERR")[2])
+    eventually(lambda: len(hospa.received) == 1, 20, "the good one delivered")
+    eventually(lambda: _journal_rows(eng) == 0, 10, "the journal emptied")
+    assert eng.document_count() == 1
+
+
 def test_a_resend_after_the_journal_is_applied_once(
     lt: LoopThread, eng: Running, hospa: EhrSimulator
 ) -> None:

@@ -489,6 +489,12 @@ class JournalingSink:
         meaning = self.sink.interpret(message)
         if isinstance(meaning, InboundResult):  # refused or wrong: answered now, not journaled
             return meaning
+        if isinstance(meaning, MessageDocuments):  # sizes and content types, as when applied
+            try:
+                for doc in meaning.documents:
+                    self.sink.check_document(doc)
+            except InboundError as exc:
+                return InboundResult(Verdict.ERROR, exc.text, exc.location)
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiting.append((message, future))
         self._start_write()

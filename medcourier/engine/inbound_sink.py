@@ -145,7 +145,7 @@ class EngineSink:
         # Every document is checked before any is queued: a message refused (AE) half-way would
         # have its first documents delivered again when the corrected message is resent.
         for doc in meaning.documents:
-            self._check(doc)
+            self.check_document(doc)
         txids = []
         for i, doc in enumerate(meaning.documents):
             last = i == len(meaning.documents) - 1
@@ -173,7 +173,7 @@ class EngineSink:
         try:
             patient = await self._patient(document)
             encounter = await self._encounter(document, patient)
-            self._check(document)
+            self.check_document(document)
             txid = await self._submit(document, patient, encounter, dedupe)
         except InboundError as exc:
             return InboundResult(Verdict.ERROR, exc.text, exc.location)
@@ -219,7 +219,7 @@ class EngineSink:
             raise InboundError("the encounter does not belong to the document's patient")
         return found
 
-    def _check(self, doc: InboundDocument) -> None:
+    def check_document(self, doc: InboundDocument) -> None:
         """Size and content checks, answered with the document's place in the message."""
         where = doc.extra.get("location")
         limit = self.engine.config.settings.limits.max_document_bytes
