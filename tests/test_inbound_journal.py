@@ -159,6 +159,21 @@ def test_a_resend_after_the_journal_is_applied_once(
     assert eng.document_count() == 1
 
 
+def test_a_resend_that_no_longer_reads_is_answered_as_the_duplicate_it_is(
+    lt: LoopThread, eng: Running
+) -> None:
+    """As when applied: an accepted message sent again is a duplicate, whatever it says now."""
+    port = _port(eng)
+    first = lt.run(_exchange(port, [ADT_A01.format(cid="ADT-J5")]))
+    eventually(lambda: _journal_rows(eng) == 0, 20, "applied")
+    no_ipp = ADT_A01.format(cid="ADT-J5").replace(
+        "PID|1||IPP-900^^^HOSPA&1.2.250.1.999.1&ISO^PI||", "PID|1||||"
+    )
+    again = lt.run(_exchange(port, [no_ipp]))
+    assert _msa(first[0]) == _msa(again[0]) == ("AA", "ADT-J5")
+    assert _journal_rows(eng) == 0
+
+
 def _message(text: str, cid: str) -> InboundMessage:
     return InboundMessage(
         text=text,
@@ -280,3 +295,23 @@ def test_many_connections_at_once_lose_nothing(lt: LoopThread, eng: Running) -> 
     with eng.engine.store.sync.engine.connect() as c:
         q = sa.select(sa.func.count()).select_from(patients)
         assert c.execute(q).scalar_one() == 200
+
+
+def test_a_stopped_engine_lets_another_apply_its_journal(lt: LoopThread, tmp_path: Path) -> None:
+    """PostgreSQL: the applier's session lock is released at stop, not kept by the pool."""
+    with own_postgres_database() as url:
+        backend = {"instance": f"mctest-{uuid.uuid4().hex[:8]}", "broker": rabbitmq_url()}
+        with running_engine(lt, tmp_path, inbound=[JOURNALED], store=url, **backend) as eng:
+            applier = eng.engine.appliers[0]
+            eventually(lambda: applier._lock is not None, 10, "the applier holds the lock")
+            lt.run(applier.stop())
+            other = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+            try:
+                with other.connect() as c:
+                    key = applier._lock_key
+                    q = sa.text("SELECT pg_try_advisory_lock(:key)")
+                    assert c.execute(q, {"key": key}).scalar() is True
+                    c.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            finally:
+                other.dispose()
+        delete_broker_objects(rabbitmq_url(), backend["instance"], ["ehr-a"])

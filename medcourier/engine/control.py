@@ -117,17 +117,18 @@ class RouteControl:
         self._lock = asyncio.Lock()
         self._closed = asyncio.Event()
 
-    async def wait_if_paused(self, route: str) -> None:
+    async def wait_if_paused(self, route: str) -> bool:
         """Return at once unless ``route`` is paused; otherwise hold until it is resumed.
+        True when it held.
 
         Raises ``ControlClosed`` when the engine stops meanwhile, so the item is not acknowledged
         and stays on its queue.
         """
         if self.store is None:
-            return
+            return False
         state = (await self.states()).get(route)
         if state is None or not state.paused:
-            return
+            return False
         log.warning(
             "route paused: holding its queue",
             route=route,
@@ -141,6 +142,7 @@ class RouteControl:
                 raise ControlClosed(f"the engine is stopping while route {route} is paused")
             state = (await self.states()).get(route)
         log.info("route resumed: releasing its queue", route=route)
+        return True
 
     async def states(self) -> Mapping[str, RouteState]:
         """Every route's state, read from the store at most every ``refresh_seconds``."""

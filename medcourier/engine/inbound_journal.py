@@ -56,6 +56,7 @@ from medcourier.engine.inbound import (
     SinkUnavailable,
     Verdict,
 )
+from medcourier.engine.inbound_sink import dedupe_key
 from medcourier.engine.schema import inbound_journal
 
 if TYPE_CHECKING:
@@ -140,12 +141,6 @@ def tx_settle(c: Connection, applied: list[int], failed: list[tuple[int, str]]) 
             .where(inbound_journal.c.seq == seq)
             .values(failed=True, reason=reason)
         )
-
-
-def dedupe_key(message: InboundMessage) -> tuple[str, str]:
-    """What identifies a message to the duplicate check: its sender, and its control id."""
-    sender = f"{message.channel}|{message.sending_application}|{message.sending_facility}"
-    return sender, message.control_id
 
 
 def tx_apply_updates(
@@ -252,6 +247,7 @@ class JournalApplier:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._lock: Connection | None = None
+        self._lock_key = _LOCK_PREFIX | zlib.crc32(channel.encode())
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"journal-{self.channel}")
@@ -295,8 +291,19 @@ class JournalApplier:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
         if self._lock is not None:
-            await asyncio.to_thread(self._lock.close)  # releases the session advisory lock
+            await asyncio.to_thread(self._release_lock, self._lock)
             self._lock = None
+
+    def _release_lock(self, conn: Connection) -> None:
+        """Unlock, then give the connection back: the pool keeps the session (and a session
+        lock with it) open, so closing alone would keep other processes from the journal."""
+        try:
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": self._lock_key})
+            conn.commit()
+        except sqlalchemy.exc.SQLAlchemyError:
+            conn.invalidate()  # the session goes, and its lock with it
+        finally:
+            conn.close()
 
     async def _run(self) -> None:
         while True:
@@ -346,8 +353,9 @@ class JournalApplier:
                     self._lock.close()
                 self._lock = None
         conn = self.store.sync.engine.connect()
-        key = _LOCK_PREFIX | zlib.crc32(self.channel.encode())
-        got = conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar()
+        got = conn.execute(
+            sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": self._lock_key}
+        ).scalar()
         conn.commit()  # the lock is the session's, not the transaction's
         if got:
             self._lock = conn
@@ -487,14 +495,19 @@ class JournalingSink:
 
     async def hl7_message(self, message: InboundMessage) -> InboundResult:
         meaning = self.sink.interpret(message)
-        if isinstance(meaning, InboundResult):  # refused or wrong: answered now, not journaled
-            return meaning
         if isinstance(meaning, MessageDocuments):  # sizes and content types, as when applied
             try:
                 for doc in meaning.documents:
                     self.sink.check_document(doc)
             except InboundError as exc:
-                return InboundResult(Verdict.ERROR, exc.text, exc.location)
+                meaning = InboundResult(Verdict.ERROR, exc.text, exc.location)
+        if isinstance(meaning, InboundResult):  # refused or wrong: answered now, not journaled
+            # unless it was accepted before: a resend is answered as one, as when applied
+            if message.control_id:
+                earlier = await self.sink.seen(message, dedupe_key(message))
+                if earlier is not None:
+                    return earlier
+            return meaning
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiting.append((message, future))
         self._start_write()

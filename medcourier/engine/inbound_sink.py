@@ -35,6 +35,12 @@ if TYPE_CHECKING:
 log = structlog.get_logger("medcourier.inbound")
 
 
+def dedupe_key(message: InboundMessage) -> tuple[str, str]:
+    """What identifies a message to the duplicate check: its sender, and its control id."""
+    sender = f"{message.channel}|{message.sending_application}|{message.sending_facility}"
+    return sender, message.control_id
+
+
 class EngineSink:
     def __init__(
         self, engine: Engine, duplicate_window: timedelta, routes: tuple[str, ...] = ()
@@ -74,19 +80,18 @@ class EngineSink:
         the window) is answered as a duplicate whatever it says now. For a directory update,
         the most common message, the dedupe check is part of the update's own write rather than
         a read before it; for the rest, it is read first, as it must be before routing."""
-        sender = f"{message.channel}|{message.sending_application}|{message.sending_facility}"
-        dedupe = (sender, message.control_id) if message.control_id else None
+        dedupe = dedupe_key(message) if message.control_id else None
         try:
             meaning = self.interpret(message)
         except Exception:
             # A plugin's bug: a message accepted before it is still answered as accepted.
-            if dedupe is not None and (earlier := await self._seen(message, dedupe)):
+            if dedupe is not None and (earlier := await self.seen(message, dedupe)):
                 return earlier
             raise
         try:
             if isinstance(meaning, DirectoryUpdate):
                 return await self._directory_update(message, meaning, dedupe)
-            if dedupe is not None and (earlier := await self._seen(message, dedupe)):
+            if dedupe is not None and (earlier := await self.seen(message, dedupe)):
                 return earlier
             if isinstance(meaning, InboundResult):
                 return meaning
@@ -94,7 +99,7 @@ class EngineSink:
         except InboundError as exc:
             return InboundResult(Verdict.ERROR, exc.text, exc.location)
 
-    async def _seen(self, message: InboundMessage, dedupe: tuple[str, str]) -> InboundResult | None:
+    async def seen(self, message: InboundMessage, dedupe: tuple[str, str]) -> InboundResult | None:
         """The answer to a message already accepted within the window, None for a new one."""
         earlier = await self.store.run(self.store.sync.seen, *dedupe, self.window)
         return None if earlier is None else _duplicate(message, tuple(earlier))

@@ -890,8 +890,12 @@ class _GroupCommit:
                 return
 
     def _commit(self, batch: list[_Write]) -> None:
-        if len(batch) > 1 and not self._commit_together(batch):
-            return
+        """Run the batch in one transaction, each write of several in a savepoint of its own.
+
+        Each write runs once: a batch is never run again after a write failed (a ``tx_*``
+        function may keep Python state, such as the id it made for the answer, which a second
+        run would make anew for rows the first run rolled back).
+        """
         outcomes: list[tuple[_Write, Any, BaseException | None]] = []
         try:
             with self.engine.begin() as c:
@@ -915,32 +919,6 @@ class _GroupCommit:
             return
         for w, result, error in outcomes:
             w.settle(result, error)
-
-    def _commit_together(self, batch: list[_Write]) -> bool:
-        """Run the batch in one transaction without savepoints. True when one of its writes
-        raised: the transaction was rolled back, nothing is settled, the caller runs the batch
-        again write by write. A failed begin or commit fails every write, as in ``_commit``."""
-        results: list[Any] = []
-        try:
-            with self.engine.begin() as c:
-                for w in batch:
-                    try:
-                        results.append(w.fn(c, *w.args, **w.kwargs))
-                    except Exception:
-                        raise _WriteFailed from None
-        except _WriteFailed:
-            return True
-        except Exception as exc:
-            for w in batch:
-                w.settle(error=exc)
-            return False
-        for w, result in zip(batch, results, strict=True):
-            w.settle(result)
-        return False
-
-
-class _WriteFailed(Exception):
-    """A write of a batch run without savepoints raised (``_GroupCommit._commit_together``)."""
 
 
 class AsyncStore:

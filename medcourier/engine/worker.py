@@ -144,7 +144,8 @@ class RouteWorker:
     async def _begin(
         self, item: WorkItem, ahead: Sequence[WorkItem]
     ) -> asyncio.Future[None] | None:
-        await self.control.wait_if_paused(item.route)  # a paused route keeps its queue
+        if await self.control.wait_if_paused(item.route):  # a paused route keeps its queue
+            self._forget_ahead()
         claim = self._claimed_ahead(item, ahead)
         if claim is None:
             claim = await self._claim(item, ahead)
@@ -170,6 +171,13 @@ class RouteWorker:
         del claim
         async with self._link() as sender:
             return await self._process(item, held, sender, replay_mode)
+
+    def _forget_ahead(self) -> None:
+        """Drop the claims made ahead: the items wait longer than a send (a pause, a retry), and
+        would otherwise go with what was read at their claim (the patient as it was then, a
+        replay asked for meanwhile unseen). Claimed again at their turn (in progress already:
+        the attempt is counted, no history row)."""
+        self._ahead.clear()
 
     def _claimed_ahead(self, item: WorkItem, ahead: Sequence[WorkItem]) -> Claim | None:
         """The claim made for this very item with an earlier one, if any. Claims made for items
@@ -358,6 +366,7 @@ class RouteWorker:
                 await self._give_up(item, attempt, result.reason)
                 return None
             delay = retry.delay(attempt)
+            self._forget_ahead()
             await self.set_status(
                 item,
                 Status.IN_PROGRESS,

@@ -549,8 +549,9 @@ class AmqpBroker:
         The delivery that handler holds died with its channel and will be redelivered to the new
         consumer: starting it earlier would run the same item twice concurrently.
         """
-        busy = self._inflight.get(route)
-        if busy:
+        # Until none is left, not a snapshot: the old pipeline, finishing its item, starts the
+        # wait for that item's status write, which must end before the item comes back.
+        while busy := self._inflight.get(route):
             await asyncio.wait(set(busy))
         delay = self._reconnect_delay
         while not self._closing:
