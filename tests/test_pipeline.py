@@ -24,7 +24,7 @@ from sqlalchemy.exc import NoResultFound
 from medcourier.engine.broker import WorkItem
 from medcourier.engine.model import Status
 from medcourier.engine.schema import deliveries, payloads, status_events
-from medcourier.engine.store import AsyncStore, StatusChange, Store
+from medcourier.engine.store import AsyncStore, StatusChange, Store, rerunnable
 from tests.harness import pdf_bytes
 from tests.services import fresh_postgres_url, rabbitmq_url
 from tests.test_broker import Kind, closing, new_instance, run
@@ -268,6 +268,46 @@ def test_a_batch_commits_once_and_a_failing_write_fails_alone(store: Store) -> N
     assert all(history(store, f"ok-{i}") == [("completed", None)] for i in range(5))
     # the held write, then the batch with a savepoint per write
     assert len(commits) == 2
+
+
+@rerunnable
+def _insert_event_again(c: Connection, txid: str, fail: bool = False) -> str:
+    """``_insert_event``, marked as safe to run again."""
+    return _insert_event(c, txid, fail)
+
+
+def test_a_batch_of_rerunnable_writes_has_no_savepoints_and_a_failure_still_fails_alone(
+    store: Store,
+) -> None:
+    async_store = AsyncStore(store)
+    release = threading.Event()
+    counter = Statements(store)
+
+    async def batch(names: list[str], failing: str | None = None) -> list[Any]:
+        first = asyncio.ensure_future(async_store.write(lambda c: release.wait(10)))
+        await asyncio.sleep(0.1)  # the writer holds: what follows waits for it, as one batch
+        tail = [async_store.write(_insert_event_again, n, n == failing) for n in names]
+        gathered = asyncio.gather(*tail, return_exceptions=True)
+        await asyncio.sleep(0.1)
+        release.set()
+        await first
+        release.clear()
+        return await gathered
+
+    try:
+        plain = asyncio.run(asyncio.wait_for(batch([f"sp-{i}" for i in range(4)]), 30))
+        sent_plain = list(counter.sent)
+        names = [f"rr-{i}" for i in range(4)]
+        failed = asyncio.run(asyncio.wait_for(batch(names, "rr-1"), 30))
+    finally:
+        counter.close()
+        async_store.close()
+    assert plain == [f"sp-{i}" for i in range(4)]
+    assert not [s for s in sent_plain if s in ("SAVEPOINT", "RELEASE")], sent_plain
+    assert isinstance(failed[1], ValueError)
+    assert [failed[i] for i in (0, 2, 3)] == ["rr-0", "rr-2", "rr-3"]
+    assert history(store, "rr-1") == []
+    assert all(history(store, n) == [("completed", None)] for n in ("rr-0", "rr-2", "rr-3"))
 
 
 def test_each_write_of_a_batch_runs_once_even_when_a_neighbour_fails(store: Store) -> None:

@@ -58,6 +58,7 @@ from medcourier.engine.inbound import (
 )
 from medcourier.engine.inbound_sink import dedupe_key
 from medcourier.engine.schema import inbound_journal
+from medcourier.engine.store import rerunnable
 
 if TYPE_CHECKING:
     from medcourier.engine.inbound_sink import EngineSink
@@ -110,6 +111,7 @@ class JournalEntry:
     reason: str | None
 
 
+@rerunnable
 def tx_journal(c: Connection, messages: list[InboundMessage]) -> list[int]:
     """Journal messages in one statement; returns their sequence numbers, in order."""
     at = now()
@@ -131,6 +133,7 @@ def tx_journal(c: Connection, messages: list[InboundMessage]) -> list[int]:
     return [int(seq) for seq in c.execute(q, rows).scalars()]
 
 
+@rerunnable
 def tx_settle(c: Connection, applied: list[int], failed: list[tuple[int, str]]) -> None:
     """Delete applied rows; mark the others failed with their reason."""
     if applied:
@@ -143,6 +146,7 @@ def tx_settle(c: Connection, applied: list[int], failed: list[tuple[int, str]]) 
         )
 
 
+@rerunnable
 def tx_apply_updates(
     c: Connection,
     store: Store,

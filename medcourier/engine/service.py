@@ -31,7 +31,7 @@ from medcourier.engine.model import Status
 from medcourier.engine.plugins import Plugins
 from medcourier.engine.retention import Pruner
 from medcourier.engine.router import Router
-from medcourier.engine.store import AsyncStore, Store
+from medcourier.engine.store import AsyncStore, Store, rerunnable
 from medcourier.engine.txid import new_transaction_id
 from medcourier.engine.worker import RouteWorker
 
@@ -265,6 +265,14 @@ class Engine:
         if also is not None:
             also(c, document["transaction_id"])
 
+    @rerunnable
+    def _accept_alone(
+        self, c: Connection, also: Callable[[Connection, str], object] | None, /, **document: Any
+    ) -> None:
+        """``_accept`` when ``also`` is None (an ``also`` may keep Python state: not rerunnable)."""
+        assert also is None
+        self.store.sync.tx_accept_document(c, **document)
+
     async def submit(self, req: SubmitRequest, default_title: Callable[[str], str]) -> str:
         """Store a document, queue one work item per matching route, return its transaction id."""
         if req.only_routes:
@@ -282,7 +290,7 @@ class Engine:
             txid = new_transaction_id()
             try:
                 await self.store.write(
-                    self._accept,
+                    self._accept if req.also is not None else self._accept_alone,
                     req.also,
                     transaction_id=txid,
                     created_at=created,

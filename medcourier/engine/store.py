@@ -113,6 +113,17 @@ ORPHAN_LOCK = 0x6D636F727068
 
 P = ParamSpec("P")
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def rerunnable(fn: F) -> F:
+    """Mark a ``tx_*`` function that does nothing but its statements: run again after its
+    batch was rolled back, it does the same and answers the same. The group commit runs a batch
+    of such writes without savepoints (two statements fewer each), and again with them when
+    one fails (``_GroupCommit._commit``). A function that keeps anything in Python (an id it
+    made for its caller, a list it appends to) must not be marked."""
+    fn.rerunnable = True  # type: ignore[attr-defined]
+    return fn
 
 
 class Store(DirectoryStore, ResourceStore):
@@ -177,6 +188,7 @@ class Store(DirectoryStore, ResourceStore):
         return self.transaction(self.tx_set_status, transaction_id, route, status, reason, sent_at)
 
     # -- documents -------------------------------------------------------------------------
+    @rerunnable
     def tx_accept_document(
         self,
         c: Connection,
@@ -254,11 +266,13 @@ class Store(DirectoryStore, ResourceStore):
             return None
         return [t for t in row.transaction_ids.split(",") if t]
 
+    @rerunnable
     def tx_remember(
         self, c: Connection, sender: str, message_id: str, transaction_ids: list[str]
     ) -> None:
         _remember(c, (sender, message_id), transaction_ids)
 
+    @rerunnable
     def tx_apply_directory_update(
         self, c: Connection, update: DirectoryUpdate, dedupe: tuple[str, str] | None = None
     ) -> tuple[str, str | None]:
@@ -272,6 +286,7 @@ class Store(DirectoryStore, ResourceStore):
             _remember(c, dedupe, [])
         return self._directory_update(c, update)
 
+    @rerunnable
     def tx_apply_directory_update_once(
         self, c: Connection, update: DirectoryUpdate, dedupe: tuple[str, str], window: timedelta
     ) -> tuple[str, str | None] | Duplicate:
@@ -308,6 +323,7 @@ class Store(DirectoryStore, ResourceStore):
             )
             return c.execute(q).first() is not None
 
+    @rerunnable
     def tx_claim(self, c: Connection, transaction_id: str, route: str) -> Claim | None:
         """Take a delivery for work: in-progress (with the attempt counted) unless it is final.
 
@@ -318,6 +334,7 @@ class Store(DirectoryStore, ResourceStore):
         """
         return self.tx_claim_batch(c, route, transaction_id)[0]
 
+    @rerunnable
     def tx_claim_batch(
         self,
         c: Connection,
@@ -395,6 +412,7 @@ class Store(DirectoryStore, ResourceStore):
             sender_application=row.sender_application,
         )
 
+    @rerunnable
     def tx_set_status(
         self,
         c: Connection,
@@ -440,6 +458,7 @@ class Store(DirectoryStore, ResourceStore):
             c.execute(event)
         return Status(previous) if previous else None
 
+    @rerunnable
     def tx_set_statuses(
         self, c: Connection, route: str, changes: Sequence[StatusChange]
     ) -> list[Status | None]:
@@ -892,10 +911,17 @@ class _GroupCommit:
     def _commit(self, batch: list[_Write]) -> None:
         """Run the batch in one transaction, each write of several in a savepoint of its own.
 
-        Each write runs once: a batch is never run again after a write failed (a ``tx_*``
-        function may keep Python state, such as the id it made for the answer, which a second
-        run would make anew for rows the first run rolled back).
+        A batch of :func:`rerunnable` writes only (the hot path's) runs without savepoints
+        first, and again with them when one of its writes fails. Any other write runs once: a
+        ``tx_*`` function may keep Python state, such as the id it made for its answer, which a
+        second run would make anew for rows the first run rolled back.
         """
+        if (
+            len(batch) > 1
+            and all(getattr(w.fn, "rerunnable", False) for w in batch)
+            and not self._commit_together(batch)
+        ):
+            return
         outcomes: list[tuple[_Write, Any, BaseException | None]] = []
         try:
             with self.engine.begin() as c:
@@ -919,6 +945,32 @@ class _GroupCommit:
             return
         for w, result, error in outcomes:
             w.settle(result, error)
+
+    def _commit_together(self, batch: list[_Write]) -> bool:
+        """Run the batch in one transaction without savepoints. True when one of its writes
+        raised: the transaction was rolled back, nothing is settled, the caller runs the batch
+        again write by write. A failed begin or commit fails every write, as in ``_commit``."""
+        results: list[Any] = []
+        try:
+            with self.engine.begin() as c:
+                for w in batch:
+                    try:
+                        results.append(w.fn(c, *w.args, **w.kwargs))
+                    except Exception:
+                        raise _WriteFailed from None
+        except _WriteFailed:
+            return True
+        except Exception as exc:
+            for w in batch:
+                w.settle(error=exc)
+            return False
+        for w, result in zip(batch, results, strict=True):
+            w.settle(result)
+        return False
+
+
+class _WriteFailed(Exception):
+    """A write of a batch run without savepoints raised (``_GroupCommit._commit_together``)."""
 
 
 class AsyncStore:
