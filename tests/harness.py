@@ -250,3 +250,26 @@ def eventually(check: Callable[[], bool], timeout: float = 20, what: str = "cond
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout}s")
         time.sleep(0.05)
+
+
+def stored_document(store: Any, payload: bytes, routes: list[str]) -> str:
+    """A document accepted straight into ``store`` (a ``Store``) for ``routes``, as the engine
+    would store it; returns its transaction id."""
+    import uuid
+    from datetime import UTC, datetime
+
+    txid = uuid.uuid4().hex[:20]
+    store.accept_document(
+        transaction_id=txid,
+        created_at=datetime.now(UTC),
+        content_type="application/pdf",
+        document_type="11488-4",
+        title="t",
+        sender_identifier=None,
+        sender_application="test",
+        patient_id="p-1",
+        encounter_id=None,
+        payload=payload,
+        routes=routes,
+    )
+    return txid

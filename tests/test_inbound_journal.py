@@ -50,14 +50,6 @@ def backend(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
 
 
 @pytest.fixture
-def hospa(lt: LoopThread) -> Iterator[EhrSimulator]:
-    ehr = EhrSimulator()
-    lt.run(ehr.start())
-    yield ehr
-    lt.run(ehr.stop())
-
-
-@pytest.fixture
 def eng(
     lt: LoopThread, tmp_path: Path, hospa: EhrSimulator, backend: dict[str, Any]
 ) -> Iterator[Running]:

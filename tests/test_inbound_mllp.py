@@ -55,14 +55,6 @@ def _hospa_route(port: int) -> dict[str, Any]:
 
 
 @pytest.fixture
-def hospa(lt: LoopThread) -> Iterator[EhrSimulator]:
-    ehr = EhrSimulator()
-    lt.run(ehr.start())
-    yield ehr
-    lt.run(ehr.stop())
-
-
-@pytest.fixture
 def eng(lt: LoopThread, tmp_path: Path, hospa: EhrSimulator) -> Iterator[Running]:
     listener = {"name": "hl7-in", "channel": "mllp", "host": "127.0.0.1", "port": 0}
     with running_engine(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +24,7 @@ from medcourier.engine.broker import WorkItem
 from medcourier.engine.model import Status
 from medcourier.engine.schema import deliveries, payloads, status_events
 from medcourier.engine.store import AsyncStore, StatusChange, Store, rerunnable
-from tests.harness import pdf_bytes
+from tests.harness import pdf_bytes, stored_document
 from tests.services import fresh_postgres_url, rabbitmq_url
 from tests.test_broker import Kind, closing, new_instance, run
 
@@ -41,21 +40,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 
 def add(store: Store, payload: bytes | None = None) -> str:
-    txid = uuid.uuid4().hex[:20]
-    store.accept_document(
-        transaction_id=txid,
-        created_at=datetime.now(UTC),
-        content_type="application/pdf",
-        document_type="11488-4",
-        title="t",
-        sender_identifier=None,
-        sender_application="test",
-        patient_id="p-1",
-        encounter_id=None,
-        payload=pdf_bytes() if payload is None else payload,
-        routes=[ROUTE],
-    )
-    return txid
+    return stored_document(store, pdf_bytes() if payload is None else payload, [ROUTE])
 
 
 def row(store: Store, txid: str) -> Any:

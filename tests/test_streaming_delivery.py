@@ -54,7 +54,7 @@ from medcourier.engine.plugins import ConnectorType, hookimpl
 from medcourier.engine.schema import renderings
 from medcourier.engine.store import Store
 from medcourier.transforms.hl7v2 import oru, oru_ans
-from tests.harness import LoopThread, Running, free_port, running_engine
+from tests.harness import LoopThread, Running, free_port, running_engine, stored_document
 from tests.services import postgres_url
 
 MIB = 1024 * 1024
@@ -340,21 +340,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 
 def add_document(store: Store, payload: bytes) -> str:
-    txid = uuid.uuid4().hex[:20]
-    store.accept_document(
-        transaction_id=txid,
-        created_at=datetime.now(UTC),
-        content_type="application/pdf",
-        document_type="11488-4",
-        title="t",
-        sender_identifier=None,
-        sender_application="test",
-        patient_id="p-1",
-        encounter_id=None,
-        payload=payload,
-        routes=["r"],
-    )
-    return txid
+    return stored_document(store, payload, ["r"])
 
 
 def claimed_payload(store: Store, txid: str) -> bytes:
