@@ -20,13 +20,23 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import NoResultFound
 
+from medcourier.channels.mllp.ack import message_control_id
+from medcourier.channels.mllp.simulator import EhrSimulator
 from medcourier.engine.broker import WorkItem
 from medcourier.engine.model import Status
 from medcourier.engine.schema import deliveries, payloads, status_events
 from medcourier.engine.store import AsyncStore, StatusChange, Store, rerunnable
-from tests.harness import pdf_bytes, stored_document
+from tests.harness import (
+    LoopThread,
+    Running,
+    free_port,
+    pdf_bytes,
+    running_engine,
+    stored_document,
+)
 from tests.services import fresh_postgres_url, rabbitmq_url
 from tests.test_broker import Kind, closing, new_instance, run
+from tests.test_ordering import _send_many
 
 ROUTE = "r"
 
@@ -445,3 +455,54 @@ def test_an_item_is_acknowledged_only_once_its_rest_is_done() -> None:
         assert kind.ready_count(instance, "lab") == 5
     finally:
         kind.cleanup()
+
+
+# --------------------------------------------------------------------------- claims made ahead
+
+
+class _DropsOnce(EhrSimulator):
+    """An EHR that closes the connection without an ACK the first time it gets ``control_id``:
+    the sender retries that message (a transport failure, unlike an AE)."""
+
+    def __init__(self, port: int, control_id: str) -> None:
+        super().__init__(port=port)
+        self.control_id = control_id
+        self.dropped = False
+
+    def _accept(self, message: bytes) -> bytes:
+        ack = super()._accept(message)
+        if not self.dropped and message_control_id(message) == self.control_id:
+            self.dropped = True
+            raise OSError("dropped without an ACK")
+        return ack
+
+
+def test_claims_made_ahead_are_dropped_when_the_item_before_them_retries(
+    lt: LoopThread, tmp_path: Path
+) -> None:
+    """Items claimed with an earlier one would otherwise go with what was read then (a patient
+    updated meanwhile, a replay asked meanwhile) however long it retries: they are claimed
+    again at their turn, which counts their attempt again."""
+    port = free_port()
+    retry = {"max_attempts": 100, "initial_delay": 0.1, "max_delay": 0.2}
+    with running_engine(lt, tmp_path, ehr_up=False, ehr_port=port, retry=retry) as r:
+        # the EHR is down: the first waits, the others queue behind it
+        txids = _send_many(r, 4, "demo-hl7")
+        ehr = _DropsOnce(port, txids[1])
+        lt.run(ehr.start())
+        try:
+            for txid in txids:
+                r.wait_status(txid, {"completed"})
+        finally:
+            lt.run(ehr.stop())
+        assert ehr.dropped
+        firsts = list(dict.fromkeys(message_control_id(m) for m in ehr.received))
+        assert firsts == txids  # in order all the same
+        # claimed with the second (or the first), then again once the second retried
+        assert [attempts(r, t) >= 2 for t in txids[2:]] == [True, True]
+
+
+def attempts(r: Running, txid: str) -> int:
+    with r.engine.store.sync.engine.connect() as c:
+        q = sa.select(deliveries.c.attempts).where(deliveries.c.transaction_id == txid)
+        return int(c.execute(q).scalar_one())
