@@ -252,16 +252,22 @@ def eventually(check: Callable[[], bool], timeout: float = 20, what: str = "cond
         time.sleep(0.05)
 
 
-def stored_document(store: Any, payload: bytes, routes: list[str]) -> str:
+def stored_document(
+    store: Any,
+    payload: bytes,
+    routes: list[str],
+    txid: str | None = None,
+    created_at: Any = None,
+) -> str:
     """A document accepted straight into ``store`` (a ``Store``) for ``routes``, as the engine
-    would store it; returns its transaction id."""
+    would store it (now, under a new transaction id, unless told); returns its transaction id."""
     import uuid
     from datetime import UTC, datetime
 
-    txid = uuid.uuid4().hex[:20]
+    txid = txid or uuid.uuid4().hex[:20]
     store.accept_document(
         transaction_id=txid,
-        created_at=datetime.now(UTC),
+        created_at=created_at or datetime.now(UTC),
         content_type="application/pdf",
         document_type="11488-4",
         title="t",

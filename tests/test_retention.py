@@ -40,7 +40,14 @@ from medcourier.engine.schema import deliveries, documents, inbound_log, metadat
 from medcourier.engine.service import Engine
 from medcourier.engine.store import AsyncStore, Store
 from medcourier.engine.txid import new_transaction_id
-from tests.harness import LoopThread, Running, engine_config, eventually, pdf_bytes
+from tests.harness import (
+    LoopThread,
+    Running,
+    engine_config,
+    eventually,
+    pdf_bytes,
+    stored_document,
+)
 from tests.services import postgres_url
 
 ROUTES = """
@@ -115,19 +122,7 @@ def add_document(
     txid = txid or new_transaction_id()
     at = now()
     oldest = max([days for _, days in deliveries_ago.values()] + [0.0])
-    store.accept_document(
-        transaction_id=txid,
-        created_at=at,
-        content_type="application/pdf",
-        document_type="11488-4",
-        title="t",
-        sender_identifier=None,
-        sender_application="test",
-        patient_id="p-1",
-        encounter_id=None,
-        payload=payload,
-        routes=list(deliveries_ago),
-    )
+    stored_document(store, payload, list(deliveries_ago), txid, at)
 
     for route, (status, _) in deliveries_ago.items():
         if status != Status.PREPARATION.value:  # the history as the engine writes it

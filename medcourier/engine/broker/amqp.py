@@ -521,8 +521,15 @@ class AmqpBroker:
         properties: BasicProperties,
         body: bytes,
     ) -> None:
+        item = self._decode(route, channel, method.delivery_tag, body)
+        if item is not None:
+            lane.put(method.delivery_tag, item)
+
+    def _decode(self, route: str, channel: Channel, tag: int, body: bytes) -> WorkItem | None:
+        """The delivery's item; None for a malformed one, acked and dropped: it can never
+        succeed, and retrying it would block the route forever."""
         try:
-            item = WorkItem.from_bytes(body)
+            return WorkItem.from_bytes(body)
         except (ValueError, KeyError, TypeError) as exc:
             log.error(
                 "broker.malformed_item_dropped",
@@ -530,9 +537,8 @@ class AmqpBroker:
                 size=len(body),
                 error=type(exc).__name__,
             )
-            self._ack(channel, method.delivery_tag, route)
-            return
-        lane.put(method.delivery_tag, item)
+            self._ack(channel, tag, route)
+            return None
 
     def _schedule_consumer(self, route: str) -> None:
         """Re-register the route's consumer in the background (idempotent)."""
@@ -595,17 +601,8 @@ class AmqpBroker:
         ack when the broker closes or the channel is gone; RabbitMQ then requeues the item.
         Only exception type names are logged: messages of arbitrary exceptions may quote payloads.
         """
-        try:
-            item = WorkItem.from_bytes(body)
-        except (ValueError, KeyError, TypeError) as exc:
-            # It can never succeed: retrying would block the route forever.
-            log.error(
-                "broker.malformed_item_dropped",
-                route=route,
-                size=len(body),
-                error=type(exc).__name__,
-            )
-            self._ack(channel, tag, route)
+        item = self._decode(route, channel, tag, body)
+        if item is None:
             return
         while True:
             try:
