@@ -14,7 +14,7 @@ import contextlib
 import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +24,8 @@ import pika
 import pika.exceptions
 import pytest
 from kombu import Connection, Producer, Queue
+from pika.channel import Channel
+from structlog.testing import capture_logs
 
 from medcourier.engine.broker import (
     Broker,
@@ -676,6 +678,125 @@ def test_amqp_item_held_across_reconnect_is_never_handled_twice_at_once() -> Non
         delete_amqp({(instance, "lab")})
     assert calls == ["tx-held", "tx-held", "tx-next"]
     assert max_active == 1
+
+
+class HeldPipeline:
+    """A ``Pipelined`` handler that holds the first copy of its item in ``begin``, then in that
+    item's status write, each until the test lets it go; later copies return at once. Records
+    when each copy is begun and when the first one's status write is done."""
+
+    window = 4
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.in_hand = 0  # copies of the item begun and not written yet
+        self.max_in_hand = 0
+        self.in_begin = asyncio.Event()
+        self.begun_again = asyncio.Event()
+        self.release_begin = asyncio.Event()
+        self.release_write = asyncio.Event()
+        self.writes: list[asyncio.Task[None]] = []
+
+    async def __call__(self, item: WorkItem) -> None:
+        raise AssertionError("a pipelined FIFO route is begun, not called")
+
+    async def begin(self, item: WorkItem, ahead: Sequence[WorkItem]) -> Awaitable[None] | None:
+        copy = sum(event.startswith("begin ") for event in self.events) + 1
+        self.events.append(f"begin {copy}")
+        self.in_hand += 1
+        self.max_in_hand = max(self.max_in_hand, self.in_hand)
+        if copy > 1:
+            self.in_hand -= 1
+            self.begun_again.set()
+            return None  # nothing left to wait for: acknowledged at once
+        self.in_begin.set()
+        await self.release_begin.wait()
+        write = asyncio.get_running_loop().create_task(self._status_write())
+        self.writes.append(write)
+        return write
+
+    async def _status_write(self) -> None:
+        await self.release_write.wait()
+        self.events.append("written 1")
+        self.in_hand -= 1
+
+
+def test_amqp_pipelined_item_comes_back_only_after_its_status_write() -> None:
+    """A consumer channel closed by RabbitMQ is reopened only once every task of its route is
+    done, including the status write the old pipeline starts after the close: resuming after a
+    snapshot of them began the redelivered item while its status write still ran."""
+    instance = new_instance()
+    broker = AmqpBroker(rabbitmq_url(), instance, confirm_timeout=5, reconnect_delay=0.05)
+    pipeline = HeldPipeline()
+    closed = asyncio.Event()
+    seen: dict[str, Any] = {}
+
+    def on_close(_channel: Channel, reason: BaseException) -> None:
+        # pika calls close callbacks in the order added: the broker's have run already.
+        seen["reason"] = reason
+        seen["resume"] = broker._resume_tasks.get("lab")
+        seen["tracked"] = set(broker._inflight.get("lab", ()))
+        closed.set()
+
+    async def scenario() -> None:
+        await broker.start(["lab"])
+        await broker.publish(WorkItem("tx-held", "lab"))
+        await broker.consume("lab", pipeline)
+        assert "lab" in broker._lanes, "the route must be consumed as a pipeline"
+        await asyncio.wait_for(pipeline.in_begin.wait(), 5)
+        channel = broker._consumer_channels["lab"]
+        assert "lab" not in broker._resume_tasks
+        channel.add_on_close_callback(on_close)
+        channel.basic_ack(delivery_tag=99999)  # an unknown tag: RabbitMQ closes the channel
+        await asyncio.wait_for(closed.wait(), 5)
+        reason = seen["reason"]
+        assert isinstance(reason, pika.exceptions.ChannelClosedByBroker), reason
+        assert reason.reply_code == 406
+        assert broker.connected, "only the consumer channel may go"
+        resume = seen["resume"]
+        assert isinstance(resume, asyncio.Task)
+        assert not resume.done()
+        # What a snapshot would hold: the old pipeline alone, still in begin.
+        snapshot = seen["tracked"]
+        assert len(snapshot) == 1
+        await asyncio.sleep(0.05)  # the resume task now waits for the route's tasks
+
+        pipeline.release_begin.set()
+        done, _ = await asyncio.wait(snapshot, timeout=5)
+        assert done == snapshot, "the old pipeline did not end with its closed channel"
+        # The snapshot is over, but the wait for the status write it started is tracked now.
+        settling = broker._inflight["lab"] - snapshot
+        assert len(settling) == 1
+        assert not any(task.done() for task in settling)
+        assert not pipeline.writes[0].done()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(pipeline.begun_again.wait(), 1.0)
+        assert pipeline.events == ["begin 1"], (
+            f"the item came back while its status write still ran: {pipeline.events}"
+        )
+        assert not resume.done()
+
+        pipeline.release_write.set()
+        await asyncio.wait_for(pipeline.begun_again.wait(), 5)
+        await asyncio.wait_for(resume, 5)
+        assert broker._consumer_channels["lab"] is not channel
+
+    try:
+        with capture_logs() as logs:
+            run(closing(broker, scenario), timeout=20)
+        connection = pika.BlockingConnection(admin_parameters())
+        try:
+            frame = connection.channel().queue_declare(queue_name(instance, "lab"), passive=True)
+            assert frame.method.message_count == 0, "the copy begun again was not acknowledged"
+        finally:
+            connection.close()
+    finally:
+        delete_amqp({(instance, "lab")})
+    assert pipeline.events == ["begin 1", "written 1", "begin 2"]
+    assert pipeline.max_in_hand == 1
+    (warning,) = [e for e in logs if e["event"] == "broker.consumer_channel_closed"]
+    assert warning["route"] == "lab"
+    assert "PRECONDITION_FAILED" in warning["reason"]
 
 
 def test_amqp_quorum_flag_declares_quorum_queues() -> None:
