@@ -155,16 +155,7 @@ class DirectoryStore:
         old = json.loads(row.resource)
         if not overwrite:
             return dict(old)
-        merged = {**old, **resource, "id": row.id}
-        known = identifiers_of(old)
-        sent_keys = set(sent)
-        extra = [
-            i
-            for i in (old.get("identifier") or [])
-            if (str(i.get("system") or ""), i.get("value")) not in sent_keys
-        ]
-        merged["identifier"] = list(resource.get("identifier") or []) + extra
-        merged["meta"] = server_meta(int(old.get("meta", {}).get("versionId", "1")) + 1)
+        merged, new_ids = patient_updated(old, resource, row.id)
         c.execute(
             _UPDATE_PATIENT,
             {
@@ -174,7 +165,6 @@ class DirectoryStore:
                 "b_updated_at": now(),
             },
         )
-        new_ids = [x for x in identifiers_of(merged) if x not in known]
         if new_ids:
             c.execute(
                 patient_identifiers.insert(),
@@ -191,9 +181,7 @@ class DirectoryStore:
         overwrite: bool = True,
     ) -> dict[str, Any]:
         """Create the encounter, or update the one with the same visit number."""
-        resource = {**resource, "subject": {"reference": f"Patient/{patient_id}"}}
-        if organization and "serviceProvider" not in resource:
-            resource["serviceProvider"] = {"reference": organization}
+        resource = encounter_sent(resource, patient_id, organization)
         old_row = _encounter_row_by_identifiers(c, identifiers_of(resource))
         if old_row is None:
             return _insert_encounter(c, resource, patient_id, organization)
@@ -201,10 +189,7 @@ class DirectoryStore:
         old = json.loads(old_row.resource)
         if not overwrite:
             return dict(old)
-        merged = {**old, **resource, "id": eid}
-        if "period" in old or "period" in resource:
-            merged["period"] = {**old.get("period", {}), **resource.get("period", {})}
-        merged["meta"] = server_meta(int(old.get("meta", {}).get("versionId", "1")) + 1)
+        merged = encounter_updated(old, resource, eid)
         c.execute(
             _UPDATE_ENCOUNTER,
             {
@@ -275,10 +260,58 @@ class DirectoryStore:
         return gone
 
 
+def created(resource: dict[str, Any]) -> dict[str, Any]:
+    """A new patient or encounter: the resource sent, with a fresh id and the server's meta."""
+    return {**resource, "id": uuid.uuid4().hex, "meta": server_meta(1, resource.get("meta"))}
+
+
+def patient_updated(
+    old: dict[str, Any], resource: dict[str, Any], patient_id: str
+) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The patient ``old`` after an ADT update sent ``resource``, and the identifiers it gained.
+
+    The update replaces what it sends; identifiers are merged (one the directory knows and the
+    update lacks is kept), since a feed often sends only the identifiers it owns.
+    """
+    merged = {**old, **resource, "id": patient_id}
+    sent_keys = set(identifiers_of(resource))
+    extra = [
+        i
+        for i in (old.get("identifier") or [])
+        if (str(i.get("system") or ""), i.get("value")) not in sent_keys
+    ]
+    merged["identifier"] = list(resource.get("identifier") or []) + extra
+    merged["meta"] = server_meta(int(old.get("meta", {}).get("versionId", "1")) + 1)
+    known = identifiers_of(old)
+    return merged, [x for x in identifiers_of(merged) if x not in known]
+
+
+def encounter_sent(
+    resource: dict[str, Any], patient_id: str, organization: str | None
+) -> dict[str, Any]:
+    """The encounter an ADT message sent, tied to its patient (and organization)."""
+    resource = {**resource, "subject": {"reference": f"Patient/{patient_id}"}}
+    if organization and "serviceProvider" not in resource:
+        resource["serviceProvider"] = {"reference": organization}
+    return resource
+
+
+def encounter_updated(
+    old: dict[str, Any], resource: dict[str, Any], encounter_id: str
+) -> dict[str, Any]:
+    """The encounter ``old`` after an update sent ``resource`` (see :func:`encounter_sent`):
+    the period is merged, so a discharge adds the end to the admission's start."""
+    merged = {**old, **resource, "id": encounter_id}
+    if "period" in old or "period" in resource:
+        merged["period"] = {**old.get("period", {}), **resource.get("period", {})}
+    merged["meta"] = server_meta(int(old.get("meta", {}).get("versionId", "1")) + 1)
+    return merged
+
+
 def _insert_patient(
     c: Connection, resource: dict[str, Any], organization: str | None
 ) -> dict[str, Any]:
-    out = {**resource, "id": uuid.uuid4().hex, "meta": server_meta(1, resource.get("meta"))}
+    out = created(resource)
     c.execute(
         _INSERT_PATIENT,
         {
@@ -297,7 +330,7 @@ def _insert_patient(
 def _insert_encounter(
     c: Connection, resource: dict[str, Any], patient_id: str, organization: str | None
 ) -> dict[str, Any]:
-    out = {**resource, "id": uuid.uuid4().hex, "meta": server_meta(1, resource.get("meta"))}
+    out = created(resource)
     c.execute(
         _INSERT_ENCOUNTER,
         {

@@ -46,6 +46,7 @@ import structlog
 from sqlalchemy.engine import Connection
 
 from medcourier.engine.clock import now
+from medcourier.engine.directory_run import NotBatchable, tx_apply_directory_run
 from medcourier.engine.inbound import (
     DirectoryUpdate,
     InboundDocument,
@@ -58,7 +59,7 @@ from medcourier.engine.inbound import (
 )
 from medcourier.engine.inbound_sink import dedupe_key
 from medcourier.engine.schema import inbound_journal
-from medcourier.engine.store import rerunnable
+from medcourier.engine.store import lock_directory, rerunnable
 
 if TYPE_CHECKING:
     from medcourier.engine.inbound_sink import EngineSink
@@ -157,8 +158,13 @@ def tx_apply_updates(
     returns the rows that failed, with their reasons (marked failed here too).
 
     One commit for a run of ADT instead of one each, and a row leaves the journal with its
-    effect. Each update runs in a savepoint, so one the directory refuses fails alone.
+    effect. The run is first applied whole, in a few statements (engine/directory_run.py);
+    when that path does not take it, or it fails, each update runs in a savepoint of its own,
+    so one the directory refuses fails alone.
     """
+    if len(updates) > 1 and _applied_as_one(c, updates, window):
+        tx_settle(c, [entry.seq for entry, _ in updates], [])
+        return []
     applied: list[int] = []
     failed: list[tuple[int, str]] = []
     for entry, update in updates:
@@ -179,6 +185,29 @@ def tx_apply_updates(
             applied.append(entry.seq)
     tx_settle(c, applied, failed)
     return failed
+
+
+def _applied_as_one(
+    c: Connection, updates: list[tuple[JournalEntry, DirectoryUpdate]], window: timedelta
+) -> bool:
+    """Apply the run with :func:`tx_apply_directory_run`, in a savepoint; False (nothing
+    written) when the run is not for that path or an update failed there."""
+    lock_directory(c)  # outside the savepoint, which would release it on a rollback
+    run = [(dedupe_key(entry.message), update) for entry, update in updates]
+    savepoint = c.begin_nested()
+    try:
+        tx_apply_directory_run(c, run, window)
+    except NotBatchable:
+        savepoint.rollback()
+        return False
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError):
+        raise  # the store, not the messages: the whole run is tried again
+    except Exception as exc:  # one at a time says which update, and parks it
+        savepoint.rollback()
+        log.info("journal run applied one at a time", error=type(exc).__name__)
+        return False
+    savepoint.commit()
+    return True
 
 
 def read_entries(

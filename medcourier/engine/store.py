@@ -281,7 +281,7 @@ class Store(DirectoryStore, ResourceStore):
         Kind ``ensure`` (documents arriving by message) creates what is missing and changes
         nothing that exists. ``dedupe`` is remembered with it, as ``tx_remember`` would.
         """
-        _lock_directory(c)
+        lock_directory(c)
         if dedupe is not None:
             _remember(c, dedupe, [])
         return self._directory_update(c, update)
@@ -298,7 +298,7 @@ class Store(DirectoryStore, ResourceStore):
         the directory lock: no read before the write, and a resend racing its original waits
         for it and is answered as its duplicate. A transaction that fails forgets both.
         """
-        _lock_directory(c)
+        lock_directory(c)
         if not _remember_unless_seen(c, dedupe, window):
             return Duplicate(_remembered(c, dedupe))
         return self._directory_update(c, update)
@@ -739,12 +739,12 @@ class Duplicate:
     transaction_ids: tuple[str, ...]
 
 
-# Connection.info key: the transaction that holds the directory lock (``_lock_directory``).
+# Connection.info key: the transaction that holds the directory lock (``lock_directory``).
 _DIRECTORY_LOCKED = "medcourier.directory_locked"
 _TAKE_DIRECTORY_LOCK = sa.text("SELECT pg_advisory_xact_lock(:key)")
 
 
-def _lock_directory(c: Connection) -> None:
+def lock_directory(c: Connection) -> None:
     """Take the lock that makes directory updates take turns, once per transaction.
 
     Find-then-insert by identifier races between writer threads: two admissions of the same new

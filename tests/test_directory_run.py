@@ -1,0 +1,275 @@
+"""A run of ADT updates applied in a few statements leaves the directory exactly as applying
+them one at a time does (engine/directory_run.py, through the journal applier's
+``tx_apply_updates``).
+
+Random feeds over a small pool of patients and visits, so that runs create, update, re-find
+what an earlier update of the same run created, move visits between patients, ``ensure``
+what exists, and resend message ids: each feed goes into two empty stores, one run at a time
+into the first and one update at a time into the second, on SQLite and on PostgreSQL, and the
+two directories are compared row for row (ids aside, which are random). A statement counter
+shows the plain runs really took the few-statements path, and merges, repeated ids and
+identifiers two rows carry the one-at-a-time one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from medcourier.engine.directory import identifiers_of
+from medcourier.engine.inbound import DirectoryUpdate, InboundMessage, PatientIdentifier
+from medcourier.engine.inbound_journal import JournalEntry, tx_apply_updates
+from medcourier.engine.inbound_sink import dedupe_key
+from medcourier.engine.schema import (
+    encounter_identifiers,
+    encounters,
+    inbound_log,
+    patient_identifiers,
+    patients,
+)
+from medcourier.engine.store import Store
+from tests.services import own_postgres_database
+
+WINDOW = timedelta(hours=24)
+IPP = "urn:oid:1.2.250.1.71.4.2.7"
+INS = "urn:oid:1.2.250.1.213.1.4.8"
+VN = "urn:oid:1.2.250.1.71.4.2.8"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Store, Store]]:
+    """Two empty stores of one kind: the first takes runs, the second one update at a time."""
+    if request.param == "sqlite":
+        pair = (Store(None, tmp_path / "runs"), Store(None, tmp_path / "one-by-one"))
+        for store in pair:
+            store.create_schema()
+        yield pair
+        for store in pair:
+            store.engine.dispose()
+        return
+    with own_postgres_database() as first, own_postgres_database() as second:
+        pair = (Store(first, tmp_path), Store(second, tmp_path))
+        for store in pair:
+            store.create_schema()
+        yield pair
+        for store in pair:
+            store.engine.dispose()
+
+
+def _patient(rng: random.Random, n: int) -> dict[str, Any]:
+    """Patient ``n`` of the pool, with some of its identifiers and a name drawn anew."""
+    idents = [{"system": IPP, "value": f"IPP-{n}"}]
+    if rng.random() < 0.5:
+        idents.append({"system": INS, "value": f"INS-{n}"})
+    if rng.random() < 0.3:
+        idents.reverse()
+    resource: dict[str, Any] = {
+        "resourceType": "Patient",
+        "identifier": idents,
+        "name": [{"family": rng.choice(["MARTIN", "BERNARD", "PETIT"]), "given": ["Lou"]}],
+    }
+    if rng.random() < 0.5:
+        resource["gender"] = rng.choice(["male", "female"])
+    if rng.random() < 0.2:
+        resource["meta"] = {"tag": [{"code": f"t{rng.randint(1, 3)}"}]}
+    return resource
+
+
+def _encounter(rng: random.Random) -> dict[str, Any]:
+    period = {"start": f"2026-01-0{rng.randint(1, 9)}T10:00:00+01:00"}
+    if rng.random() < 0.4:
+        period = {"end": f"2026-02-0{rng.randint(1, 9)}T10:00:00+01:00"}
+    return {
+        "resourceType": "Encounter",
+        "identifier": [{"system": VN, "value": f"VN-{rng.randint(1, 6)}"}],
+        "status": rng.choice(["in-progress", "finished"]),
+        "period": period,
+    }
+
+
+def _feed(seed: int, runs: int) -> list[list[tuple[InboundMessage, DirectoryUpdate]]]:
+    rng = random.Random(seed)
+    feed = []
+    sent = 0
+    for _ in range(runs):
+        run = []
+        for _ in range(rng.randint(2, 12)):
+            sent += 1
+            # now and then a resend of an earlier message id (a duplicate within the window)
+            cid = f"M{rng.randint(1, sent)}" if rng.random() < 0.1 else f"M{sent}"
+            message = InboundMessage(
+                text="", channel="adt", sending_application="ADT", control_id=cid
+            )
+            update = DirectoryUpdate(
+                kind=rng.choices(["upsert", "discharge", "ensure"], [6, 2, 2])[0],
+                patient=_patient(rng, rng.randint(1, 8)),
+                organization=rng.choice([None, "Organization/a", "Organization/b"]),
+                encounter=_encounter(rng) if rng.random() < 0.7 else None,
+                event="ADT^A01",
+            )
+            run.append((message, update))
+        feed.append(run)
+    return feed
+
+
+@contextmanager
+def _statements(store: Store) -> Iterator[list[str]]:
+    """The statements ``store`` runs meanwhile."""
+    seen: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", count)
+
+
+def _apply_runs(store: Store, feed: list[list[tuple[InboundMessage, DirectoryUpdate]]]) -> None:
+    seq = 0
+    for run in feed:
+        entries = []
+        for message, update in run:
+            seq += 1
+            entry = JournalEntry(seq, message, received_at=None, failed=False, reason=None)
+            entries.append((entry, update))
+        assert store.transaction(tx_apply_updates, store, entries, WINDOW) == []
+
+
+def _apply_one_by_one(
+    store: Store, feed: list[list[tuple[InboundMessage, DirectoryUpdate]]]
+) -> None:
+    for run in feed:
+        for message, update in run:
+            store.transaction(
+                store.tx_apply_directory_update_once, update, dedupe_key(message), WINDOW
+            )
+
+
+def _directory(store: Store) -> dict[str, Any]:
+    """The directory with ids replaced by what names a row for good: its identifiers."""
+    with store.engine.connect() as c:
+        pids: dict[str, list[tuple[str, str]]] = {}
+        for r in c.execute(sa.select(patient_identifiers)):
+            pids.setdefault(r.patient_id, []).append((r.system, r.value))
+        eids: dict[str, list[tuple[str, str]]] = {}
+        for r in c.execute(sa.select(encounter_identifiers)):
+            eids.setdefault(r.encounter_id, []).append((r.system, r.value))
+        label = {pid: repr(sorted(ids)) for pid, ids in pids.items()}
+        for r in c.execute(sa.select(patients.c.id, patients.c.resource)):
+            # a patient merged away has lost its identifier rows to the survivor
+            retired = sorted(identifiers_of(json.loads(r.resource)))
+            label.setdefault(r.id, f"retired {retired!r}")
+        elabel = {eid: repr(sorted(ids)) for eid, ids in eids.items()}
+
+        def plain(resource: str, own: str) -> Any:
+            text = resource.replace(own, "<self>")
+            for pid, name in label.items():
+                text = text.replace(pid, name)
+            out = json.loads(text)
+            out["meta"].pop("lastUpdated")
+            return out
+
+        people = sorted(
+            repr((label[r.id], r.organization, r.merged_into and label[r.merged_into],
+                  plain(r.resource, r.id)))
+            for r in c.execute(sa.select(patients))
+        )  # fmt: skip
+        stays = sorted(
+            repr((elabel[r.id], label[r.patient_id], r.organization, plain(r.resource, r.id)))
+            for r in c.execute(sa.select(encounters))
+        )
+        log = sorted(
+            (r.sender, r.message_id, r.transaction_ids) for r in c.execute(sa.select(inbound_log))
+        )
+    return {
+        "patients": people,
+        "encounters": stays,
+        "identifier rows": sorted(repr(sorted(v)) for v in pids.values()),
+        "log": log,
+    }
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_runs_leave_the_directory_as_one_by_one_does(
+    stores: tuple[Store, Store], seed: int
+) -> None:
+    runs, one_by_one = stores
+    feed = _feed(seed, 25)
+    with _statements(runs) as statements:
+        _apply_runs(runs, feed)
+    _apply_one_by_one(one_by_one, feed)
+    assert _directory(runs) == _directory(one_by_one)
+    updates = sum(len(run) for run in feed)
+    # One at a time takes five statements an update at the least; runs, about ten a run.
+    assert len(statements) < 2 * updates, len(statements)
+
+
+def test_a_plain_run_takes_a_few_statements(stores: tuple[Store, Store]) -> None:
+    runs, one_by_one = stores
+    rng = random.Random(7)
+    run = [
+        (
+            InboundMessage(text="", channel="adt", control_id=f"P{n}"),
+            DirectoryUpdate("upsert", _patient(rng, n), "Organization/a", _encounter(rng)),
+        )
+        for n in range(1, 31)
+    ]
+    with _statements(runs) as statements:
+        _apply_runs(runs, [run])
+    _apply_one_by_one(one_by_one, [run])
+    assert _directory(runs) == _directory(one_by_one)
+    assert len(statements) <= 16, statements
+
+
+@pytest.mark.parametrize("why", ["merge", "repeated id", "identifier on two patients"])
+def test_runs_the_few_statements_path_does_not_take_go_one_at_a_time(
+    stores: tuple[Store, Store], why: str
+) -> None:
+    runs, one_by_one = stores
+    rng = random.Random(11)
+    seed = [
+        (
+            InboundMessage(text="", channel="adt", control_id=f"S{n}"),
+            DirectoryUpdate("upsert", _patient(rng, n), None, _encounter(rng)),
+        )
+        for n in (1, 2)
+    ]
+    run = [
+        (
+            InboundMessage(text="", channel="adt", control_id=f"R{n}"),
+            DirectoryUpdate("upsert", _patient(rng, n), "Organization/a", _encounter(rng)),
+        )
+        for n in (1, 2, 3)
+    ]
+    if why == "merge":
+        survivor = _patient(rng, 1)
+        run.append(
+            (
+                InboundMessage(text="", channel="adt", control_id="R-merge"),
+                DirectoryUpdate("merge", survivor, None, None, (PatientIdentifier(IPP, "IPP-2"),)),
+            )
+        )
+    elif why == "repeated id":
+        run.append(run[0])
+    twin = _patient(rng, 1)
+    for store in (runs, one_by_one):
+        _apply_one_by_one(store, [seed])
+        if why == "identifier on two patients":  # the FHIR API does not refuse it
+            store.put_patient(twin, None)
+    with _statements(runs) as statements:
+        _apply_runs(runs, [run])
+    _apply_one_by_one(one_by_one, [run])
+    assert _directory(runs) == _directory(one_by_one)
+    one_at_a_time = [s for s in statements if s.upper().startswith("SAVEPOINT")]
+    assert len(one_at_a_time) == 1 + len(run), statements  # the run's, then one per update
