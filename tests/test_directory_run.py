@@ -13,8 +13,10 @@ identifiers two rows carry the one-at-a-time one.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -35,7 +37,7 @@ from medcourier.engine.schema import (
     patient_identifiers,
     patients,
 )
-from medcourier.engine.store import Store
+from medcourier.engine.store import AsyncStore, Store, runs_together
 from tests.services import own_postgres_database
 
 WINDOW = timedelta(hours=24)
@@ -273,3 +275,75 @@ def test_runs_the_few_statements_path_does_not_take_go_one_at_a_time(
     assert _directory(runs) == _directory(one_by_one)
     one_at_a_time = [s for s in statements if s.upper().startswith("SAVEPOINT")]
     assert len(one_at_a_time) == 1 + len(run), statements  # the run's, then one per update
+
+
+def test_concurrent_connections_updates_in_one_group_commit_go_as_one_run(
+    stores: tuple[Store, Store],
+) -> None:
+    """Default mode (``ack_after: apply``): the ADT updates of concurrent connections that one
+    group commit holds are applied as one run, each sender still answered with its own
+    outcome (a resend: its duplicate)."""
+    runs, one_by_one = stores
+    rng = random.Random(5)
+    first = [
+        (
+            InboundMessage(text="", channel="adt", control_id=f"A{n}"),
+            DirectoryUpdate("upsert", _patient(rng, n), "Organization/a", _encounter(rng)),
+        )
+        for n in range(1, 6)
+    ]
+    # distinct patients and visits: concurrent senders' messages have no order between them
+    second = [
+        (
+            InboundMessage(text="", channel="adt", control_id=f"B{n}"),
+            DirectoryUpdate(
+                "upsert",
+                {**_patient(rng, n), "identifier": [{"system": IPP, "value": f"IPP-{n}"}]},
+                "Organization/b",
+                {**_encounter(rng), "identifier": [{"system": VN, "value": f"VN-B{n}"}]},
+            ),
+        )
+        for n in range(1, 31)
+    ] + first[:3]  # resent
+    _apply_one_by_one(runs, [first])
+    _apply_one_by_one(one_by_one, [first, second])
+
+    async def concurrently() -> list[Any]:
+        store = AsyncStore(runs)
+        try:
+            # Hold the writer thread directory updates go to, queue the updates behind it, let
+            # it go: it takes them all in one batch.
+            release, started = threading.Event(), threading.Event()
+            hold = asyncio.ensure_future(store.write(_hold, started, release))
+            assert await asyncio.to_thread(started.wait, 10)
+            writes = [
+                asyncio.ensure_future(
+                    store.write(
+                        runs.tx_apply_directory_update_once, update, dedupe_key(message), WINDOW
+                    )
+                )
+                for message, update in second
+            ]
+            await asyncio.sleep(0.1)
+            with _statements(runs) as statements:
+                release.set()
+                answers = await asyncio.gather(*writes)
+                await hold
+            assert len(statements) <= 16, statements
+            return answers
+        finally:
+            await asyncio.to_thread(store.close)
+
+    answers = asyncio.run(concurrently())
+    assert _directory(runs) == _directory(one_by_one)
+    assert [type(a).__name__ for a in answers[-3:]] == ["Duplicate"] * 3
+    for (message, update), answer in zip(second[:-3], answers[:-3], strict=True):
+        patient = runs.find_patient(identifiers_of(update.patient))
+        assert patient is not None and answer[0] == patient["id"], message.control_id
+
+
+@runs_together("never: alone in its batch")  # queued where directory updates go
+def _hold(c: Any, started: threading.Event, release: threading.Event) -> None:
+    """A write that keeps its writer thread until ``release``."""
+    started.set()
+    release.wait(10)

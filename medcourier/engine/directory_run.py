@@ -72,10 +72,11 @@ class _Row:
 
 def tx_apply_directory_run(
     c: Connection, run: Sequence[tuple[Ident, DirectoryUpdate]], window: timedelta
-) -> list[bool]:
+) -> list[tuple[str, str | None] | None]:
     """Apply ``run`` (each update with its dedupe key, in order) as
-    ``Store.tx_apply_directory_update_once`` would one by one; returns, for each, whether it
-    was applied (False: a duplicate of a message seen within ``window``, skipped).
+    ``Store.tx_apply_directory_update_once`` would one by one; returns, for each, the ids of
+    its patient and encounter, or None for a duplicate of a message seen within ``window``
+    (skipped).
 
     The caller holds the directory lock (the transaction-scoped lock the one-at-a-time path
     takes) and runs this in a savepoint, rolled back when it raises: :class:`NotBatchable`
@@ -93,19 +94,23 @@ def tx_apply_directory_run(
         {i for _, u in run if u.encounter is not None for i in identifiers_of(u.encounter)},
     )
     fresh = _remember_unless_seen(c, keys, window)
-    applied = [key in fresh for key in keys]
+    done: list[tuple[str, str | None] | None] = []
     touched_patients: dict[str, _Row] = {}
     touched_encounters: dict[str, _Row] = {}
-    for (_, update), apply in zip(run, applied, strict=True):
-        if not apply:
+    for key, update in run:
+        if key not in fresh:
+            done.append(None)
             continue
         patient = _patient(patient_by, update)
         touched_patients[patient.id] = patient
+        encounter_id = None
         if update.encounter is not None:
             encounter = _encounter(encounter_by, update, patient.resource["id"])
             touched_encounters[encounter.id] = encounter
+            encounter_id = encounter.resource["id"]
+        done.append((patient.resource["id"], encounter_id))
     _write(c, list(touched_patients.values()), list(touched_encounters.values()))
-    return applied
+    return done
 
 
 def _patient(by_ident: dict[Ident, _Row], update: DirectoryUpdate) -> _Row:

@@ -33,6 +33,7 @@ from medcourier.engine.directory import (
     DirectoryStore,
     live_patient_resource,
 )
+from medcourier.engine.directory_run import NotBatchable, tx_apply_directory_run
 from medcourier.engine.inbound import DirectoryUpdate
 from medcourier.engine.model import Document, Status
 from medcourier.engine.payload_read import DIRECT_READ_BYTES, read_payload
@@ -124,6 +125,20 @@ def rerunnable(fn: F) -> F:
     made for its caller, a list it appends to) must not be marked."""
     fn.rerunnable = True  # type: ignore[attr-defined]
     return fn
+
+
+def runs_together(name: str) -> Callable[[F], F]:
+    """Mark a :func:`rerunnable` ``tx_*`` method whose writes, when a group commit holds several
+    in a row, run as one call of the method ``name``: the writes' arguments in, a list of
+    their answers out. Should that call raise, the batch runs again write by write
+    (``_GroupCommit._commit``). The ADT feed's directory updates go this way: concurrent
+    connections' messages applied in a few statements (engine/directory_run.py)."""
+
+    def mark(fn: F) -> F:
+        fn.together = name  # type: ignore[attr-defined]
+        return fn
+
+    return mark
 
 
 class Store(DirectoryStore, ResourceStore):
@@ -287,6 +302,7 @@ class Store(DirectoryStore, ResourceStore):
         return self._directory_update(c, update)
 
     @rerunnable
+    @runs_together("tx_apply_directory_updates_once")
     def tx_apply_directory_update_once(
         self, c: Connection, update: DirectoryUpdate, dedupe: tuple[str, str], window: timedelta
     ) -> tuple[str, str | None] | Duplicate:
@@ -302,6 +318,25 @@ class Store(DirectoryStore, ResourceStore):
         if not _remember_unless_seen(c, dedupe, window):
             return Duplicate(_remembered(c, dedupe))
         return self._directory_update(c, update)
+
+    @rerunnable
+    def tx_apply_directory_updates_once(
+        self, c: Connection, calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
+    ) -> list[tuple[str, str | None] | Duplicate]:
+        """Writes of ``tx_apply_directory_update_once`` (their arguments) as one run; raises
+        ``NotBatchable`` when the run is not for that path (the writes then go one by one)."""
+        if any(kwargs or len(args) != 3 for args, kwargs in calls):
+            raise NotBatchable("arguments by name")
+        windows = {window for (_, _, window), _ in calls}
+        if len(windows) != 1:
+            raise NotBatchable("several duplicate windows")
+        run = [(dedupe, update) for (update, dedupe, _), _ in calls]
+        lock_directory(c)
+        done = tx_apply_directory_run(c, run, windows.pop())
+        return [
+            ids if ids is not None else Duplicate(_remembered(c, dedupe))
+            for ids, (dedupe, _) in zip(done, run, strict=True)
+        ]
 
     def _directory_update(self, c: Connection, update: DirectoryUpdate) -> tuple[str, str | None]:
         overwrite = update.kind != "ensure"
@@ -865,12 +900,14 @@ class _GroupCommit:
     and the batch runs again with a savepoint per write, the failing one rolled back to its own.
     """
 
-    def __init__(self, engine: Engine, threads: int, max_batch: int = 128) -> None:
+    def __init__(
+        self, engine: Engine, threads: int, name: str = "writer", max_batch: int = 128
+    ) -> None:
         self.engine = engine
         self.max_batch = max_batch
         self.queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
         self.threads = [
-            threading.Thread(target=self._run, name=f"store-writer-{i}", daemon=True)
+            threading.Thread(target=self._run, name=f"store-{name}-{i}", daemon=True)
             for i in range(threads)
         ]
         for t in self.threads:
@@ -953,9 +990,12 @@ class _GroupCommit:
         results: list[Any] = []
         try:
             with self.engine.begin() as c:
-                for w in batch:
+                for run in _runs(batch):
                     try:
-                        results.append(w.fn(c, *w.args, **w.kwargs))
+                        if len(run) == 1:
+                            results.append(run[0].fn(c, *run[0].args, **run[0].kwargs))
+                        else:
+                            results += _together(run[0].fn)(c, [(w.args, w.kwargs) for w in run])
                     except Exception:
                         raise _WriteFailed from None
         except _WriteFailed:
@@ -967,6 +1007,28 @@ class _GroupCommit:
         for w, result in zip(batch, results, strict=True):
             w.settle(result)
         return False
+
+
+def _runs(batch: list[_Write]) -> list[list[_Write]]:
+    """The batch cut into runs: consecutive writes of one :func:`runs_together` method make one
+    run, any other write a run of its own."""
+    runs: list[list[_Write]] = []
+    for w in batch:
+        if (
+            runs
+            and getattr(w.fn, "together", None) is not None
+            and getattr(w.fn, "__self__", None) is not None
+            and runs[-1][-1].fn == w.fn
+        ):
+            runs[-1].append(w)
+        else:
+            runs.append([w])
+    return runs
+
+
+def _together(fn: Any) -> Callable[..., list[Any]]:
+    """The method a :func:`runs_together` method's run goes to, on the same object."""
+    return getattr(fn.__self__, fn.together)  # type: ignore[no-any-return]
 
 
 class _WriteFailed(Exception):
@@ -985,6 +1047,10 @@ class AsyncStore:
         )
         self.writers = writers  # how many writes may commit at once
         self._writes = _GroupCommit(store.engine, writers)
+        # Writes that run together (directory updates) take turns on one lock anyway: on
+        # PostgreSQL they get a writer thread of their own, where concurrent ones queue into one
+        # run and one commit instead of spreading over the writers, each waiting for the lock.
+        self._runs = self._writes if writers == 1 else _GroupCommit(store.engine, 1, "runs")
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a read (or the start-up schema creation) on the reader pool; writes use ``write``."""
@@ -997,10 +1063,13 @@ class AsyncStore:
         """Run a ``tx_*`` method; returns once the transaction that holds it is committed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._writes.submit(_Write(fn, args, kwargs, loop, future))
+        lane = self._runs if getattr(fn, "together", None) else self._writes
+        lane.submit(_Write(fn, args, kwargs, loop, future))
         return await future
 
     def close(self) -> None:
         self._writes.close()
+        if self._runs is not self._writes:
+            self._runs.close()
         self._pool.shutdown(wait=True)
         self.sync.dispose()
