@@ -799,6 +799,60 @@ def test_amqp_pipelined_item_comes_back_only_after_its_status_write() -> None:
     assert "PRECONDITION_FAILED" in warning["reason"]
 
 
+def test_amqp_close_waits_for_work_a_pipeline_starts_while_closing() -> None:
+    """close() waits for every task of the broker, including the status write an old pipeline
+    starts once close() is under way: after a snapshot of the tasks, close() returned (and shut
+    the connection) while that write still ran."""
+    instance = new_instance()
+    broker = AmqpBroker(rabbitmq_url(), instance, confirm_timeout=5)
+    pipeline = HeldPipeline()
+    write_delay = 0.3  # far below confirm_timeout: the write must be waited for, not cancelled
+    outcome: dict[str, Any] = {}
+
+    async def scenario() -> None:
+        await broker.start(["lab"])
+        await broker.publish(WorkItem("tx-held", "lab"))
+        await broker.consume("lab", pipeline)
+        assert "lab" in broker._lanes, "the route must be consumed as a pipeline"
+        await asyncio.wait_for(pipeline.in_begin.wait(), 5)
+        lane = broker._lanes["lab"]
+        closing_task = asyncio.create_task(broker.close())
+        # close() has looked at the tasks in flight once its lanes are closed and its consumer
+        # cancel is no longer awaited: from that RPC's answer to that wait it runs in one step.
+        deadline = time.monotonic() + 5
+        while not (lane.closed and not broker._waiters):
+            assert time.monotonic() < deadline, "close() never got past cancelling its consumer"
+            await asyncio.sleep(0.005)
+        assert not closing_task.done()
+        assert pipeline.events == ["begin 1"]
+
+        asyncio.get_running_loop().call_later(write_delay, pipeline.release_write.set)
+        pipeline.release_begin.set()
+        started = time.monotonic()
+        await asyncio.wait_for(closing_task, 5)
+        outcome["close_took"] = time.monotonic() - started
+        outcome["tracked"] = {task for tasks in broker._inflight.values() for task in tasks}
+
+    try:
+        run(scenario(), timeout=10)
+        connection = pika.BlockingConnection(admin_parameters())
+        try:
+            frame = connection.channel().queue_declare(queue_name(instance, "lab"), passive=True)
+            acked = frame.method.message_count == 0
+        finally:
+            connection.close()
+    finally:
+        delete_amqp({(instance, "lab")})
+    (write,) = pipeline.writes
+    assert write.done() and not write.cancelled(), (
+        f"close() returned while the status write started during it still ran: {pipeline.events}"
+    )
+    assert pipeline.events == ["begin 1", "written 1"]
+    assert not outcome["tracked"], "close() left tasks of the broker running"
+    assert outcome["close_took"] >= write_delay * 0.9
+    assert acked, "the item written during close() was not acknowledged"
+
+
 def test_amqp_quorum_flag_declares_quorum_queues() -> None:
     instance = new_instance()
     broker = AmqpBroker(rabbitmq_url(), instance, quorum=True)

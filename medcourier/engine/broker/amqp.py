@@ -227,9 +227,14 @@ class AmqpBroker:
                     await self._rpc(
                         partial(self._basic_cancel, channel, tag), "cancel consumer", channel
                     )
-        handlers = {task for tasks in self._inflight.values() for task in tasks}
-        if handlers:
-            _done, running = await asyncio.wait(handlers, timeout=self._confirm_timeout)
+        # Until none is left, not a snapshot (as in _resume_consumer): an old pipeline finishing
+        # its item starts the wait for that item's status write. One deadline for all rounds;
+        # past it, what is still running (or started while cancelling) is cancelled.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._confirm_timeout
+        while handlers := {task for tasks in self._inflight.values() for task in tasks}:
+            remaining = max(0.0, deadline - loop.time())
+            _done, running = await asyncio.wait(handlers, timeout=remaining)
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
