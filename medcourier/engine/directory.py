@@ -363,7 +363,7 @@ def _live_patient(c: Connection, patient_id: str, row: Any = None) -> Any:
     current = patient_id
     for _ in range(MAX_MERGE_CHAIN):
         if row is None:
-            row = c.execute(sa.select(patients).where(patients.c.id == current)).first()
+            row = c.execute(_PATIENT_BY_ID, {"patient_id": current}).first()
         if row is None or row.merged_into is None:
             return row
         current, row = row.merged_into, None
@@ -400,6 +400,7 @@ def _encounter_by_identifiers(c: Connection, idents: list[tuple[str, str]]) -> s
 # The ADT feed's statements, built once: building a Core statement costs more than running it
 # on SQLite (SQLAlchemy caches the compiled form, not the construction).
 _INSERT_PATIENT = patients.insert()
+_PATIENT_BY_ID = sa.select(patients).where(patients.c.id == sa.bindparam("patient_id"))
 _INSERT_ENCOUNTER = encounters.insert()
 _UPDATE_PATIENT = (
     patients.update()

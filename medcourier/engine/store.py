@@ -388,7 +388,8 @@ class Store(DirectoryStore, ResourceStore):
         ``transaction_id`` and those of ``ahead`` by transaction id.
         """
         wanted = [transaction_id, *dict.fromkeys(t for t in ahead if t != transaction_id)]
-        rows = {r.transaction_id: r for r in c.execute(_claim_read(c, route, wanted))}
+        read = _claim_read(c.dialect.name)
+        rows = {r.transaction_id: r for r in c.execute(read, {"route": route, "txids": wanted})}
         head = rows.get(transaction_id)
         if head is not None and not Status(head.status).is_final and _no_payload(head):
             # A pruned payload (or a delivery without its document) fails the claim, as reading
@@ -463,34 +464,20 @@ class Store(DirectoryStore, ResourceStore):
         a ``WITH``). SQLite runs in-process under the writer's lock: a read, the update, the
         insert.
         """
-        at = now()
-        key = (deliveries.c.transaction_id == transaction_id, deliveries.c.route == route)
-        values: dict[str, Any] = {"status": status.value, "status_at": at, "reason": reason}
-        if sent_at is not None:
-            values["sent_at"] = sent_at
-        event = status_events.insert().values(
-            transaction_id=transaction_id, route=route, status=status.value, at=at, reason=reason
-        )
+        params = {
+            "b_txid": transaction_id,
+            "b_route": route,
+            "b_status": status.value,
+            "b_at": now(),
+            "b_reason": reason,
+            "b_sent": sent_at,
+        }
         if c.dialect.name == "postgresql":
-            old = sa.select(deliveries.c.transaction_id, deliveries.c.status).where(*key)
-            before = old.with_for_update().cte("before")
-            # FROM before: the update waits for the row read (and locked) as it was.
-            change = (
-                deliveries.update()
-                .where(
-                    deliveries.c.transaction_id == before.c.transaction_id,
-                    deliveries.c.route == route,
-                )
-                .values(**values)
-                .returning(deliveries.c.transaction_id)
-                .cte("change")
-            )
-            added = event.returning(status_events.c.id).cte("added")
-            previous = c.execute(sa.select(before.c.status).add_cte(change, added)).scalar()
+            previous = c.execute(_SET_STATUS_PG, params).scalar()
         else:
-            previous = c.execute(sa.select(deliveries.c.status).where(*key)).scalar()
-            c.execute(deliveries.update().where(*key).values(**values))
-            c.execute(event)
+            previous = c.execute(_STATUS_OF, params).scalar()
+            c.execute(_SET_STATUS, params)
+            c.execute(_STATUS_EVENT, params)
         return Status(previous) if previous else None
 
     @rerunnable
@@ -509,45 +496,24 @@ class Store(DirectoryStore, ResourceStore):
             return []
         at = now()
         txids = [ch.transaction_id for ch in changes]
-        old = sa.select(deliveries.c.transaction_id, deliveries.c.status).where(
-            deliveries.c.route == route, deliveries.c.transaction_id.in_(txids)
-        )
-        if c.dialect.name == "postgresql":
-            old = old.with_for_update()
-        previous = {r.transaction_id: Status(r.status) for r in c.execute(old)}
-        c.execute(
-            deliveries.update()
-            .where(
-                deliveries.c.transaction_id == sa.bindparam("t"),
-                deliveries.c.route == route,
-            )
-            .values(
-                status=sa.bindparam("s"),
-                status_at=at,
-                reason=sa.bindparam("why"),
-                # A change without a sent time keeps the one recorded, as tx_set_status does.
-                sent_at=sa.func.coalesce(
-                    sa.bindparam("sent", type_=deliveries.c.sent_at.type), deliveries.c.sent_at
-                ),
-            ),
-            [
-                {"t": ch.transaction_id, "s": ch.status.value, "why": ch.reason, "sent": ch.sent_at}
-                for ch in changes
-            ],
-        )
-        c.execute(
-            status_events.insert(),
-            [
-                {
-                    "transaction_id": ch.transaction_id,
-                    "route": route,
-                    "status": ch.status.value,
-                    "at": at,
-                    "reason": ch.reason,
-                }
-                for ch in changes
-            ],
-        )
+        read = _STATUSES_OF_PG if c.dialect.name == "postgresql" else _STATUSES_OF
+        previous = {
+            r.transaction_id: Status(r.status)
+            for r in c.execute(read, {"b_route": route, "b_txids": txids})
+        }
+        rows = [
+            {
+                "b_txid": ch.transaction_id,
+                "b_route": route,
+                "b_status": ch.status.value,
+                "b_at": at,
+                "b_reason": ch.reason,
+                "b_sent": ch.sent_at,
+            }
+            for ch in changes
+        ]
+        c.execute(_SET_STATUS, rows)
+        c.execute(_STATUS_EVENT, rows)
         return [previous.get(t) for t in txids]
 
     def tx_mark_unqueued(self, c: Connection, transaction_id: str, route: str, reason: str) -> bool:
@@ -648,11 +614,13 @@ class Store(DirectoryStore, ResourceStore):
             return [(r[0], r[1]) for r in c.execute(q)]
 
 
-def _claim_read(c: Connection, route: str, transaction_ids: list[str]) -> sa.Select[Any]:
-    """The deliveries of ``route`` to claim, each with its document, its payload when it is
-    small enough to read with a plain query (DIRECT_READ_BYTES), its patient and its encounter:
-    one query. A final delivery comes without its document. PostgreSQL locks the deliveries
-    read (``FOR UPDATE``), so their status cannot change before the claim's update."""
+@functools.cache
+def _claim_read(dialect: str) -> sa.Select[Any]:
+    """The deliveries of ``:route`` to claim (``:txids``), each with its document, its payload
+    when it is small enough to read with a plain query (DIRECT_READ_BYTES), its patient and its
+    encounter: one query. A final delivery comes without its document. PostgreSQL locks the
+    deliveries read (``FOR UPDATE``), so their status cannot change before the claim's update.
+    Built once: building it cost more than running it."""
     small = sa.case((documents.c.payload_size <= DIRECT_READ_BYTES, payloads.c.data))
     joined = (
         deliveries.outerjoin(
@@ -685,9 +653,12 @@ def _claim_read(c: Connection, route: str, transaction_ids: list[str]) -> sa.Sel
             encounters.c.resource.label("encounter"),
         )
         .select_from(joined)
-        .where(deliveries.c.route == route, deliveries.c.transaction_id.in_(transaction_ids))
+        .where(
+            deliveries.c.route == sa.bindparam("route"),
+            deliveries.c.transaction_id.in_(sa.bindparam("txids", expanding=True)),
+        )
     )
-    if c.dialect.name == "postgresql":
+    if dialect == "postgresql":
         q = q.with_for_update(of=deliveries)
     return q
 
@@ -702,32 +673,106 @@ def _mark_claimed(c: Connection, route: str, rows: list[Any], at: datetime) -> N
     """Set the deliveries of ``rows`` (read by ``_claim_read``) in-progress with the attempt
     counted, and add the history row of those that were not in progress already. On PostgreSQL
     this is one statement (the update in a ``WITH`` of the insert)."""
-    update = (
+    txids = [r.transaction_id for r in rows]
+    fresh = [r.transaction_id for r in rows if r.status != Status.IN_PROGRESS.value]
+    params = {"b_route": route, "b_txids": txids, "b_fresh": fresh, "b_at": at}
+    if fresh and c.dialect.name == "postgresql":
+        c.execute(_CLAIM_AND_RECORD, params)
+        return
+    c.execute(_CLAIM, params)
+    if fresh:
+        c.execute(_RECORD_CLAIMED, params)
+
+
+# Status changes (tx_set_status, tx_set_statuses), built once. A change without a sent time
+# keeps the one recorded.
+_KEY = (
+    deliveries.c.transaction_id == sa.bindparam("b_txid"),
+    deliveries.c.route == sa.bindparam("b_route"),
+)
+_STATUS_OF = sa.select(deliveries.c.status).where(*_KEY)
+_STATUS_VALUES = {
+    "status": sa.bindparam("b_status", type_=deliveries.c.status.type),
+    "status_at": sa.bindparam("b_at", type_=deliveries.c.status_at.type),
+    "reason": sa.bindparam("b_reason", type_=deliveries.c.reason.type),
+    "sent_at": sa.func.coalesce(
+        sa.bindparam("b_sent", type_=deliveries.c.sent_at.type), deliveries.c.sent_at
+    ),
+}
+_SET_STATUS = deliveries.update().where(*_KEY).values(_STATUS_VALUES)
+_STATUS_EVENT = status_events.insert().values(
+    transaction_id=sa.bindparam("b_txid", type_=status_events.c.transaction_id.type),
+    route=sa.bindparam("b_route", type_=status_events.c.route.type),
+    status=sa.bindparam("b_status", type_=status_events.c.status.type),
+    at=sa.bindparam("b_at", type_=status_events.c.at.type),
+    reason=sa.bindparam("b_reason", type_=status_events.c.reason.type),
+)
+_STATUSES_OF = sa.select(deliveries.c.transaction_id, deliveries.c.status).where(
+    deliveries.c.route == sa.bindparam("b_route"),
+    deliveries.c.transaction_id.in_(sa.bindparam("b_txids", expanding=True)),
+)
+_STATUSES_OF_PG = _STATUSES_OF.with_for_update()
+
+
+def _set_status_pg() -> Any:
+    """PostgreSQL's one statement: the row locked and read, updated (FROM ``before``: the update
+    waits for the row read as it was) and its history row added, in a ``WITH``."""
+    before = sa.select(deliveries.c.transaction_id, deliveries.c.status).where(*_KEY)
+    before_cte = before.with_for_update().cte("before")
+    change = (
         deliveries.update()
         .where(
-            deliveries.c.route == route,
-            deliveries.c.transaction_id.in_([r.transaction_id for r in rows]),
+            deliveries.c.transaction_id == before_cte.c.transaction_id,
+            deliveries.c.route == sa.bindparam("b_route"),
         )
-        .values(status=Status.IN_PROGRESS.value, status_at=at, attempts=deliveries.c.attempts + 1)
+        .values(_STATUS_VALUES)
+        .returning(deliveries.c.transaction_id)
+        .cte("change")
     )
-    events = [
-        {
-            "transaction_id": r.transaction_id,
-            "route": route,
-            "status": Status.IN_PROGRESS.value,
-            "at": at,
-            "reason": None,
-        }
-        for r in rows
-        if r.status != Status.IN_PROGRESS.value
-    ]
-    if events and c.dialect.name == "postgresql":
-        claimed = update.returning(deliveries.c.transaction_id).cte("claimed")
-        c.execute(status_events.insert().values(events).add_cte(claimed))
-        return
-    c.execute(update)
-    if events:
-        c.execute(status_events.insert(), events)
+    added = _STATUS_EVENT.returning(status_events.c.id).cte("added")
+    return sa.select(before_cte.c.status).add_cte(change, added)
+
+
+_SET_STATUS_PG = _set_status_pg()
+
+
+# _mark_claimed's statements, built once (building one cost more than running it): the update,
+# the history rows of the deliveries that were not in progress (``:b_fresh``), and on PostgreSQL
+# both in one statement, the history read from the update's RETURNING.
+_CLAIM = (
+    deliveries.update()
+    .where(
+        deliveries.c.route == sa.bindparam("b_route"),
+        deliveries.c.transaction_id.in_(sa.bindparam("b_txids", expanding=True)),
+    )
+    .values(
+        status=Status.IN_PROGRESS.value,
+        status_at=sa.bindparam("b_at", type_=deliveries.c.status_at.type),
+        attempts=deliveries.c.attempts + 1,
+    )
+)
+
+
+def _claimed_history(source: Any) -> Any:
+    """``INSERT INTO status_events`` the in-progress rows of ``source``'s ``:b_fresh`` ids."""
+    rows = sa.select(
+        source.c.transaction_id,
+        sa.bindparam("b_route", type_=status_events.c.route.type),
+        sa.literal(Status.IN_PROGRESS.value, status_events.c.status.type),
+        sa.bindparam("b_at", type_=status_events.c.at.type),
+        sa.null(),
+    ).where(source.c.transaction_id.in_(sa.bindparam("b_fresh", expanding=True)))
+    columns = ["transaction_id", "route", "status", "at", "reason"]
+    return status_events.insert().from_select(columns, rows)
+
+
+_RECORD_CLAIMED = _claimed_history(
+    sa.select(deliveries.c.transaction_id)
+    .where(deliveries.c.route == sa.bindparam("b_route"))
+    .subquery()
+)
+_claimed = _CLAIM.returning(deliveries.c.transaction_id).cte("claimed")
+_CLAIM_AND_RECORD = _claimed_history(_claimed).add_cte(_claimed)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
