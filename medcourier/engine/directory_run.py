@@ -23,7 +23,7 @@ import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -54,7 +54,8 @@ Ident = tuple[str, str]
 
 
 class NotBatchable(Exception):
-    """The run needs the one-at-a-time path; nothing was written."""
+    """The run needs the one-at-a-time path. It may come after the message ids were
+    remembered: the caller must roll back (a savepoint) before going one at a time."""
 
 
 @dataclass
@@ -67,6 +68,7 @@ class _Row:
     patient_id: str | None = None  # encounters
     new: bool = False
     changed: bool = False
+    at: datetime | None = None  # when it was last written, as one at a time stamps each write
     gained: list[Ident] = field(default_factory=list)  # identifier rows to insert
 
 
@@ -119,7 +121,7 @@ def _patient(by_ident: dict[Ident, _Row], update: DirectoryUpdate) -> _Row:
     row = next((by_ident[i] for i in sent if i in by_ident), None)
     if row is None:
         out = created(update.patient)
-        row = _Row(out["id"], out, update.organization, new=True)
+        row = _Row(out["id"], out, update.organization, new=True, at=now())
         row.gained = identifiers_of(out)
         _index(by_ident, row, row.gained)
         return row
@@ -128,7 +130,7 @@ def _patient(by_ident: dict[Ident, _Row], update: DirectoryUpdate) -> _Row:
     merged, gained = patient_updated(row.resource, update.patient, row.id)
     row.resource = merged
     row.organization = update.organization or row.organization
-    row.changed = True
+    row.changed, row.at = True, now()
     row.gained += gained
     _index(by_ident, row, gained)
     return row
@@ -142,7 +144,7 @@ def _encounter(by_ident: dict[Ident, _Row], update: DirectoryUpdate, patient_id:
     row = next((by_ident[i] for i in sent if i in by_ident), None)
     if row is None:
         out = created(resource)
-        row = _Row(out["id"], out, update.organization, patient_id=patient_id, new=True)
+        row = _Row(out["id"], out, update.organization, patient_id=patient_id, new=True, at=now())
         row.gained = identifiers_of(out)
         _index(by_ident, row, row.gained)
         return row
@@ -151,7 +153,7 @@ def _encounter(by_ident: dict[Ident, _Row], update: DirectoryUpdate, patient_id:
     row.resource = encounter_updated(row.resource, resource, row.id)
     row.patient_id = patient_id
     row.organization = update.organization or row.organization
-    row.changed = True
+    row.changed, row.at = True, now()
     return row
 
 
@@ -170,7 +172,8 @@ def _read(c: Connection, kind: str, idents: set[Ident]) -> dict[Ident, _Row]:
         return {}
     rows: dict[str, _Row] = {}
     found: dict[Ident, _Row] = {}
-    for r in c.execute(_carrying(kind), {"idents": sorted(idents)}):
+    params = {"idents": sorted(idents), "values": sorted({value for _, value in idents})}
+    for r in c.execute(_carrying(kind), params):
         if kind == "patient" and r.merged_into is not None:
             raise NotBatchable("a merged patient")
         row = rows.get(r.id)
@@ -189,7 +192,9 @@ def _read(c: Connection, kind: str, idents: set[Ident]) -> dict[Ident, _Row]:
 @functools.cache
 def _carrying(kind: str) -> sa.Select[Any]:
     """Rows of ``kind`` with each (system, value) of ``:idents`` they carry. Built once: a
-    statement built per call is compiled per call, which cost more than running it."""
+    statement built per call is compiled per call, which cost more than running it. The
+    ``value IN :values`` is for SQLite, which reads the whole identifier table for a row-value
+    ``IN`` of more than one pair, and the (value, system) index for this."""
     if kind == "patient":
         table, ids, key = patients, patient_identifiers, patient_identifiers.c.patient_id
     else:
@@ -198,7 +203,10 @@ def _carrying(kind: str) -> sa.Select[Any]:
     return (
         sa.select(ids.c.system, ids.c.value, table)
         .join(table, key == table.c.id)
-        .where(pairs.in_(sa.bindparam("idents", expanding=True)))
+        .where(
+            ids.c.value.in_(sa.bindparam("values", expanding=True)),
+            pairs.in_(sa.bindparam("idents", expanding=True)),
+        )
     )
 
 
@@ -231,14 +239,14 @@ def _log_upsert(count: int) -> sa.TextClause:
 
 def _write(c: Connection, people: list[_Row], stays: list[_Row]) -> None:
     """The run's outcome, a statement per kind of write: patients before their identifiers
-    and encounters (foreign keys), each row in its final state."""
-    at = now()
+    and encounters (foreign keys), each row in its final state, stamped with the time of its
+    last change (encounter search orders by it)."""
     if rows := [
         {
             "id": p.id,
             "organization": p.organization,
             "resource": json.dumps(p.resource),
-            "updated_at": at,
+            "updated_at": p.at,
         }
         for p in people
         if p.new
@@ -249,7 +257,7 @@ def _write(c: Connection, people: list[_Row], stays: list[_Row]) -> None:
             "b_id": p.id,
             "b_resource": json.dumps(p.resource),
             "b_organization": p.organization,
-            "b_updated_at": at,
+            "b_updated_at": p.at,
         }
         for p in people
         if p.changed and not p.new
@@ -263,7 +271,7 @@ def _write(c: Connection, people: list[_Row], stays: list[_Row]) -> None:
             "patient_id": e.patient_id,
             "organization": e.organization,
             "resource": json.dumps(e.resource),
-            "updated_at": at,
+            "updated_at": e.at,
         }
         for e in stays
         if e.new
@@ -275,7 +283,7 @@ def _write(c: Connection, people: list[_Row], stays: list[_Row]) -> None:
             "b_resource": json.dumps(e.resource),
             "b_patient_id": e.patient_id,
             "b_organization": e.organization,
-            "b_updated_at": at,
+            "b_updated_at": e.at,
         }
         for e in stays
         if e.changed and not e.new

@@ -204,7 +204,7 @@ def _applied_as_one(
         raise  # the store, not the messages: the whole run is tried again
     except Exception as exc:  # one at a time says which update, and parks it
         savepoint.rollback()
-        log.info("journal run applied one at a time", error=type(exc).__name__)
+        log.warning("journal run applied one at a time", error=type(exc).__name__)
         return False
     savepoint.commit()
     return True

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import NoResultFound
@@ -111,6 +112,8 @@ _FINAL = (Status.COMPLETED.value, Status.ENTERED_IN_ERROR.value)
 DIRECTORY_LOCK = 0x6D63646972
 # pg_try_advisory_xact_lock key of the start-up orphan sweep ("mcorph").
 ORPHAN_LOCK = 0x6D636F727068
+
+log = structlog.get_logger("medcourier.store")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -1041,7 +1044,11 @@ class _GroupCommit:
                             results.append(run[0].fn(c, *run[0].args, **run[0].kwargs))
                         else:
                             results += _together(run[0].fn)(c, [(w.args, w.kwargs) for w in run])
-                    except Exception:
+                    except Exception as exc:
+                        if len(run) > 1 and not isinstance(exc, NotBatchable):
+                            # the writes go one by one and say which failed; this says why
+                            # the run did not take them (a bug, or a store error)
+                            log.warning("store.run_failed", error=type(exc).__name__)
                         raise _WriteFailed from None
         except _WriteFailed:
             return True
