@@ -388,3 +388,66 @@ def test_the_fresh_process_check_would_see_a_copy(store: Store, tmp_path: Path) 
     )
     measured = json.loads(result.stdout)
     assert measured["growth"] > 0.8 * size, f"{measured['growth'] / MIB:.1f} MiB"
+
+
+_READ_BINARY_IN_A_FRESH_PROCESS = """
+import hashlib, json, sys
+from pathlib import Path
+import sqlalchemy as sa
+import medcourier.engine.payload_read as r
+from medcourier.engine.store import Store
+
+def status():
+    found = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = int(value.split()[0]) * 1024
+    return found
+
+url, data_dir, binary_id, plain = sys.argv[1] or None, Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+if plain == "plain":
+    r.DIRECT_READ_BYTES = 1 << 40
+store = Store(url, data_dir)
+with store.engine.begin() as c:  # connect and warm up before measuring
+    c.execute(sa.text("SELECT 1"))
+Path("/proc/self/clear_refs").write_text("5")  # VmHWM starts again from here
+before = status()["VmRSS"]
+content_type, data = store.get_binary(binary_id)
+peak = status()["VmHWM"]
+print(json.dumps({"growth": peak - before, "sha256": hashlib.sha256(data).hexdigest()}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")
+@pytest.mark.parametrize("way", ["large", "plain"])
+def test_reading_a_large_binary_holds_it_about_once(store: Store, tmp_path: Path, way: str) -> None:
+    """A Binary (the DMP and tele-expertise documents come as one) is read as a payload is:
+    about one copy in memory. Forced through the plain SELECT, the same measure sees two or
+    three, so it measures what it says."""
+    import hashlib
+
+    data = pdf(32 * MIB)
+    binary = store.transaction(store.tx_put_binary, "application/pdf", data)
+    url = "" if store.is_sqlite else store.url
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _READ_BINARY_IN_A_FRESH_PROCESS,
+            url,
+            str(tmp_path / "data"),
+            binary["id"],
+            way,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    measured = json.loads(result.stdout)
+    assert measured["sha256"] == hashlib.sha256(data).hexdigest()
+    if way == "large":
+        assert measured["growth"] < 1.6 * len(data), f"{measured['growth'] / MIB:.1f} MiB"
+    else:
+        assert measured["growth"] > 1.8 * len(data), f"{measured['growth'] / MIB:.1f} MiB"

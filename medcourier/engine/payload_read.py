@@ -48,11 +48,6 @@ the read holds beside the payload and what each pooled connection keeps afterwar
 a 50 MiB payload: 0.14 s uncompressed whatever the slice (0.64 s for the plain text-protocol
 SELECT); 0.58 s compressed by TOAST (0.21 s with 4 MiB slices, 1.1 s plain)."""
 
-_PG_SLICE_SQL = (
-    f"SELECT substring(data FROM %s::integer FOR %s::integer) FROM {payloads.name} "
-    "WHERE transaction_id = %s"
-)
-
 
 def read_payload(c: Connection, transaction_id: str, size: int) -> bytes:
     """The payload of ``transaction_id``; ``size`` (the document's ``payload_size``) picks the
@@ -60,44 +55,58 @@ def read_payload(c: Connection, transaction_id: str, size: int) -> bytes:
 
     :raises NoResultFound: the document has no payload (pruned).
     """
+    return read_large(c, payloads.c.data, payloads.c.transaction_id, transaction_id, size)
+
+
+def read_large(
+    c: Connection, column: sa.Column[Any], key: sa.Column[Any], value: str, size: int
+) -> bytes:
+    """``column`` of the row whose ``key`` is ``value`` (a Binary's bytes, a document's
+    payload), read as the module docstring says; ``size`` (its length in bytes) picks the way.
+
+    :raises NoResultFound: no such row.
+    """
     if size > DIRECT_READ_BYTES:
         if c.dialect.name == "sqlite":
-            return _sqlite_blob(c, transaction_id)
+            return _sqlite_blob(c, column, key, value)
         if c.dialect.name == "postgresql" and c.dialect.driver == "psycopg":
-            return _postgresql_slices(c, transaction_id, size)
-    return _plain(c, transaction_id)
+            return _postgresql_slices(c, column, key, value, size)
+    return _plain(c, column, key, value)
 
 
-def _plain(c: Connection, transaction_id: str) -> bytes:
-    data = c.execute(
-        sa.select(payloads.c.data).where(payloads.c.transaction_id == transaction_id)
-    ).scalar_one()
+def _plain(c: Connection, column: sa.Column[Any], key: sa.Column[Any], value: str) -> bytes:
+    data = c.execute(sa.select(column).where(key == value)).scalar_one()
     return bytes(data)  # no copy when the driver gave bytes already
 
 
-def _sqlite_blob(c: Connection, transaction_id: str) -> bytes:
+def _sqlite_blob(c: Connection, column: sa.Column[Any], key: sa.Column[Any], value: str) -> bytes:
+    table = column.table
     rowid: int = c.execute(
-        sa.select(sa.literal_column("rowid"))
-        .select_from(payloads)
-        .where(payloads.c.transaction_id == transaction_id)
+        sa.select(sa.literal_column("rowid")).select_from(table).where(key == value)
     ).scalar_one()
     raw = sqlite_connection(c)
     if raw is None:  # another SQLite driver: no blob handle
-        return _plain(c, transaction_id)
-    with raw.blobopen(payloads.name, payloads.c.data.name, rowid, readonly=True) as blob:
+        return _plain(c, column, key, value)
+    with raw.blobopen(table.name, column.name, rowid, readonly=True) as blob:
         return blob.read()
 
 
-def _postgresql_slices(c: Connection, transaction_id: str, size: int) -> bytes:
-    """The payload in :data:`PG_SLICE` slices, until a short one, written into a buffer made at
+def _postgresql_slices(
+    c: Connection, column: sa.Column[Any], key: sa.Column[Any], value: str, size: int
+) -> bytes:
+    """The value in :data:`PG_SLICE` slices, until a short one, written into a buffer made at
     the expected ``size`` (engine/buffers.py), which becomes the result without a copy."""
+    sql = (
+        f"SELECT substring({column.name} FROM %s::integer FOR %s::integer) "
+        f"FROM {column.table.name} WHERE {key.name} = %s"
+    )
     out = presized_buffer(size)
     with driver_connection(c).cursor(binary=True) as cursor:
         while True:
-            cursor.execute(_PG_SLICE_SQL, (out.tell() + 1, PG_SLICE, transaction_id))
+            cursor.execute(sql, (out.tell() + 1, PG_SLICE, value))
             row = cursor.fetchone()
             if row is None:
-                raise NoResultFound("the document has no payload")
+                raise NoResultFound("no such row")
             got = out.write(row[0])
             del row  # this slice's bytes go before the next one comes
             if got < PG_SLICE:

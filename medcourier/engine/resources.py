@@ -16,9 +16,11 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import NoResultFound
 
 from medcourier.engine.clock import now
 from medcourier.engine.directory import server_meta
+from medcourier.engine.payload_read import read_large
 from medcourier.engine.payload_write import insert_row
 from medcourier.engine.schema import binaries, resources
 
@@ -75,10 +77,21 @@ class ResourceStore:
         }
 
     def get_binary(self, binary_id: str) -> tuple[str, bytes] | None:
-        q = sa.select(binaries.c.content_type, binaries.c.data).where(binaries.c.id == binary_id)
+        """The Binary's content type and bytes; large bytes are read without a second copy of
+        them in memory (engine/payload_read.py), as a document's payload is."""
+        q = sa.select(binaries.c.content_type, sa.func.length(binaries.c.data)).where(
+            binaries.c.id == binary_id
+        )
         with self.engine.connect() as c:
             row = c.execute(q).first()
-        return (row.content_type, bytes(row.data)) if row is not None else None
+            if row is None:
+                return None
+            content_type, size = row
+            try:
+                data = read_large(c, binaries.c.data, binaries.c.id, binary_id, int(size))
+            except NoResultFound:  # pruned between the two reads
+                return None
+        return content_type, data
 
     def binary_content_type(self, binary_id: str) -> str | None:
         """The Binary's content type, without reading its bytes (reference checks)."""
