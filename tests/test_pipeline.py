@@ -24,7 +24,7 @@ from medcourier.channels.mllp.ack import message_control_id
 from medcourier.channels.mllp.simulator import EhrSimulator
 from medcourier.engine.broker import WorkItem
 from medcourier.engine.model import Status
-from medcourier.engine.schema import deliveries, payloads, status_events
+from medcourier.engine.schema import deliveries, documents, payloads, status_events
 from medcourier.engine.store import AsyncStore, StatusChange, Store, rerunnable
 from tests.harness import (
     LoopThread,
@@ -78,6 +78,53 @@ class Statements:
 
     def data(self) -> list[str]:
         return [s for s in self.sent if s not in ("BEGIN", "COMMIT")]
+
+
+# --------------------------------------------------------------------------- accept
+
+
+@pytest.mark.parametrize("size", [4096, 2 * 1024 * 1024], ids=["small", "large"])
+def test_an_accept_is_one_statement_on_postgresql(store: Store, size: int) -> None:
+    """A document's rows (document, payload, a delivery and a history row per route) go in one
+    statement on PostgreSQL, unless the payload is large (written by COPY, apart); SQLite runs
+    four, in-process."""
+    payload = pdf_bytes(size)
+    routes = ["r-c", "r-a", "r-b"]
+    counter = Statements(store)
+    try:
+        txid = stored_document(store, payload, routes)
+    finally:
+        counter.close()
+    one = not store.is_sqlite and size == 4096
+    assert (len(counter.data()) == 1) is one, counter.sent
+    with store.engine.connect() as c:
+        kept = c.execute(
+            sa.select(payloads.c.data).where(payloads.c.transaction_id == txid)
+        ).scalar_one()
+        got = {
+            r.route: r
+            for r in c.execute(sa.select(deliveries).where(deliveries.c.transaction_id == txid))
+        }
+    assert bytes(kept) == payload
+    assert sorted(got) == sorted(routes)
+    assert {(r.status, r.attempts, r.sent_at, r.reason) for r in got.values()} == {
+        ("preparation", 0, None, None)
+    }
+    # the history in the order of the routes given, as the route list is shown
+    assert [(route, s.value, why) for route, s, _, why in store.history(txid)] == [
+        (route, "preparation", "accepted") for route in routes
+    ]
+    with store.engine.connect() as c:
+        doc = c.execute(sa.select(documents).where(documents.c.transaction_id == txid)).one()
+    assert (doc.payload_size, doc.content_type, doc.title, doc.patient_id) == (
+        size,
+        "application/pdf",
+        "t",
+        "p-1",
+    )
+    assert (doc.sender_identifier, doc.sender_application, doc.encounter_id) == (None, "test", None)
+    created = doc.created_at if doc.created_at.tzinfo else doc.created_at.replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - created).total_seconds()) < 300
 
 
 # --------------------------------------------------------------------------- claims

@@ -38,7 +38,7 @@ from medcourier.engine.directory_run import NotBatchable, tx_apply_directory_run
 from medcourier.engine.inbound import DirectoryUpdate
 from medcourier.engine.model import Document, Status
 from medcourier.engine.payload_read import DIRECT_READ_BYTES, read_payload
-from medcourier.engine.payload_write import insert_payload
+from medcourier.engine.payload_write import DIRECT_WRITE_BYTES, insert_payload
 from medcourier.engine.resources import ResourceStore
 from medcourier.engine.schema import (
     deliveries,
@@ -227,9 +227,32 @@ class Store(DirectoryStore, ResourceStore):
 
         The values go as execute parameters, never into the statements: SQLAlchemy's statement
         cache would keep the first statement, payload included, for the process's life. A large
-        payload is written without a copy of it in the driver (engine/payload_write.py)."""
+        payload is written without a copy of it in the driver (engine/payload_write.py). On
+        PostgreSQL the rows of a document that is not large go in one statement (``_ACCEPT_PG``):
+        four round trips and four executions were most of an accept's cost."""
         at = now()
         route_list = list(routes)
+        if c.dialect.name == "postgresql" and len(payload) <= DIRECT_WRITE_BYTES:
+            c.execute(
+                _ACCEPT_PG,
+                {
+                    "txid": transaction_id,
+                    "created_at": created_at,
+                    "content_type": content_type,
+                    "document_type": document_type,
+                    "title": title,
+                    "sender_identifier": sender_identifier,
+                    "sender_application": sender_application,
+                    "patient_id": patient_id,
+                    "encounter_id": encounter_id,
+                    "payload_size": len(payload),
+                    "data": payload,
+                    "routes": route_list,
+                    "status": Status.PREPARATION.value,
+                    "at": at,
+                },
+            )
+            return
         c.execute(
             documents.insert(),
             {
@@ -685,6 +708,27 @@ def _mark_claimed(c: Connection, route: str, rows: list[Any], at: datetime) -> N
     c.execute(_CLAIM, params)
     if fresh:
         c.execute(_RECORD_CLAIMED, params)
+
+
+# tx_accept_document on PostgreSQL: the document, its payload, a delivery per route and their
+# history rows, in one statement (the inserts in a WITH), history rows in the routes' order.
+_ACCEPT_PG = sa.text(
+    "WITH doc AS (INSERT INTO documents (transaction_id, created_at, content_type,"
+    " document_type, title, sender_identifier, sender_application, patient_id, encounter_id,"
+    " payload_size) VALUES (:txid, :created_at, :content_type, :document_type, :title,"
+    " :sender_identifier, :sender_application, :patient_id, :encounter_id, :payload_size)),"
+    " pay AS (INSERT INTO payloads (transaction_id, data) VALUES (:txid, :data)),"
+    " dlv AS (INSERT INTO deliveries (transaction_id, route, status, status_at, attempts)"
+    " SELECT :txid, r, :status, :at, 0 FROM unnest(CAST(:routes AS text[])) AS r)"
+    " INSERT INTO status_events (transaction_id, route, status, at, reason)"
+    " SELECT :txid, u.r, :status, :at, 'accepted'"
+    " FROM unnest(CAST(:routes AS text[])) WITH ORDINALITY AS u(r, n) ORDER BY u.n"
+).bindparams(
+    sa.bindparam("created_at", type_=documents.c.created_at.type),
+    sa.bindparam("at", type_=deliveries.c.status_at.type),
+    sa.bindparam("data", type_=payloads.c.data.type),
+    sa.bindparam("routes", type_=postgresql.ARRAY(sa.String())),
+)
 
 
 # Status changes (tx_set_status, tx_set_statuses), built once. A change without a sent time
