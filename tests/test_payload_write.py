@@ -38,7 +38,7 @@ import pytest
 import sqlalchemy as sa
 
 from medcourier.engine import payload_write
-from medcourier.engine.payload_read import read_payload
+from medcourier.engine.payload_read import DIRECT_READ_BYTES, read_payload
 from medcourier.engine.payload_write import (
     DIRECT_WRITE_BYTES,
     WRITE_SLICE,
@@ -177,6 +177,18 @@ def test_the_other_columns_of_a_large_row_read_back_as_a_plain_insert_stores_the
         assert r.at == got["plain"].at  # SQLite keeps the wall-clock time, without its zone
     if not store.is_sqlite:
         assert got["large"].at == at
+
+
+@pytest.mark.parametrize(
+    "size",
+    [0, 5, DIRECT_READ_BYTES, DIRECT_READ_BYTES + 1],
+    ids=["empty", "5b", "direct-max", "direct-max+1"],
+)
+def test_a_binary_of_any_size_reads_back_exactly(store: Store, size: int) -> None:
+    data = pdf(max(size, 16))[:size]
+    resource = store.transaction(store.tx_put_binary, "application/pdf", data)
+    assert store.get_binary(resource["id"]) == ("application/pdf", data)
+    assert store.get_binary("no-such-binary") is None
 
 
 def test_a_large_binary_reads_back_exactly(store: Store) -> None:

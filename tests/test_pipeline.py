@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -127,6 +128,18 @@ def test_an_accept_is_one_statement_on_postgresql(store: Store, size: int) -> No
     assert abs((datetime.now(UTC) - created).total_seconds()) < 300
 
 
+def test_an_accept_needs_a_route(store: Store) -> None:
+    """A document no route would deliver is refused on both databases, nothing stored (submit
+    never asks: it answers "no route" first)."""
+    txid = uuid.uuid4().hex[:20]
+    with pytest.raises(ValueError, match="at least one route"):
+        stored_document(store, pdf_bytes(), [], txid=txid)
+    with store.engine.connect() as c:
+        for table in (documents, payloads):
+            q = sa.select(sa.func.count()).where(table.c.transaction_id == txid)
+            assert c.execute(q).scalar_one() == 0
+
+
 # --------------------------------------------------------------------------- claims
 
 
@@ -146,6 +159,21 @@ def test_a_claim_is_three_statements_at_most(store: Store) -> None:
     assert row(store, txid).status == Status.IN_PROGRESS.value
     assert row(store, txid).attempts == 1
     assert history(store, txid) == [("preparation", "accepted"), ("in-progress", None)]
+
+
+def test_a_batch_claim_adds_history_only_for_what_was_not_in_progress(store: Store) -> None:
+    """The head already in progress (a retry), the items behind it new: every attempt is
+    counted, and only the new ones get an in-progress history row."""
+    head, *ahead = [add(store) for _ in range(3)]
+    store.claim(head, ROUTE)
+    claim, claimed = store.transaction(store.tx_claim_batch, ROUTE, head, ahead)
+    assert claim is not None and claim.previous is Status.IN_PROGRESS
+    assert sorted(claimed) == sorted(ahead)
+    assert row(store, head).attempts == 2
+    assert [row(store, t).attempts for t in ahead] == [1, 1]
+    assert history(store, head) == [("preparation", "accepted"), ("in-progress", None)]
+    for txid in ahead:
+        assert history(store, txid) == [("preparation", "accepted"), ("in-progress", None)]
 
 
 def test_a_claim_again_counts_the_attempt_and_adds_no_history(store: Store) -> None:

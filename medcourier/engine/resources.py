@@ -20,7 +20,7 @@ from sqlalchemy.exc import NoResultFound
 
 from medcourier.engine.clock import now
 from medcourier.engine.directory import server_meta
-from medcourier.engine.payload_read import read_large
+from medcourier.engine.payload_read import DIRECT_READ_BYTES, read_large
 from medcourier.engine.payload_write import insert_row
 from medcourier.engine.schema import binaries, resources
 
@@ -79,25 +79,31 @@ class ResourceStore:
     def get_binary(self, binary_id: str) -> tuple[str, bytes] | None:
         """The Binary's content type and bytes; large bytes are read without a second copy of
         them in memory (engine/payload_read.py), as a document's payload is."""
-        q = sa.select(binaries.c.content_type, sa.func.length(binaries.c.data)).where(
-            binaries.c.id == binary_id
-        )
         with self.engine.connect() as c:
-            row = c.execute(q).first()
+            row = c.execute(_BINARY, {"binary_id": binary_id}).first()
             if row is None:
                 return None
-            content_type, size = row
+            if row.small is not None:  # read with the rest: one round trip
+                return row.content_type, bytes(row.small)
             try:
-                data = read_large(c, binaries.c.data, binaries.c.id, binary_id, int(size))
+                data = read_large(c, binaries.c.data, binaries.c.id, binary_id, int(row.size))
             except NoResultFound:  # pruned between the two reads
                 return None
-        return content_type, data
+        return row.content_type, data
 
     def binary_content_type(self, binary_id: str) -> str | None:
         """The Binary's content type, without reading its bytes (reference checks)."""
         q = sa.select(binaries.c.content_type).where(binaries.c.id == binary_id)
         with self.engine.connect() as c:
             return c.execute(q).scalar()
+
+
+# A Binary's content type and size, and its bytes when they are small enough for a plain read.
+_BINARY = sa.select(
+    binaries.c.content_type,
+    sa.func.length(binaries.c.data).label("size"),
+    sa.case((sa.func.length(binaries.c.data) <= DIRECT_READ_BYTES, binaries.c.data)).label("small"),
+).where(binaries.c.id == sa.bindparam("binary_id"))
 
 
 def insert_resource(

@@ -232,6 +232,8 @@ class Store(DirectoryStore, ResourceStore):
         four round trips and four executions were most of an accept's cost."""
         at = now()
         route_list = list(routes)
+        if not route_list:  # a document nothing would deliver (submit refuses it before this)
+            raise ValueError("a document is accepted for at least one route")
         if c.dialect.name == "postgresql" and len(payload) <= DIRECT_WRITE_BYTES:
             c.execute(
                 _ACCEPT_PG,
