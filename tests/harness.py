@@ -279,3 +279,19 @@ def stored_document(
         routes=routes,
     )
     return txid
+
+
+PROC_STATUS = """
+from pathlib import Path
+
+
+def status():
+    \"\"\"This process's VmRSS and VmHWM (its peak since /proc/self/clear_refs), in bytes.\"\"\"
+    found = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = int(value.split()[0]) * 1024
+    return found
+"""
+"""The memory reader of the scripts that the memory tests run in a fresh process (Linux)."""

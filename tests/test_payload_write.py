@@ -47,6 +47,7 @@ from medcourier.engine.payload_write import (
 )
 from medcourier.engine.schema import binaries, documents, payloads
 from medcourier.engine.store import AsyncStore, Store
+from tests.harness import PROC_STATUS
 from tests.services import own_postgres_database
 
 MIB = 1024 * 1024
@@ -326,20 +327,14 @@ def test_nothing_keeps_a_written_binary(store: Store, size: int) -> None:
         assert sys.getrefcount(data) == refs
 
 
-_WRITE_IN_A_FRESH_PROCESS = """
+_WRITE_IN_A_FRESH_PROCESS = (
+    PROC_STATUS
+    + """
 import json, os, sys, uuid
 from datetime import UTC, datetime
 from pathlib import Path
 import sqlalchemy as sa
 from medcourier.engine.store import Store
-
-def status():
-    found = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            found[key] = int(value.split()[0]) * 1024
-    return found
 
 url, data_dir, size = sys.argv[1] or None, Path(sys.argv[2]), int(sys.argv[3])
 store = Store(url, data_dir)
@@ -361,6 +356,7 @@ del payload
 after = status()["VmRSS"]
 print(json.dumps({"growth": peak - before, "kept": after - (before - size)}))
 """
+)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")
@@ -402,20 +398,14 @@ def test_the_fresh_process_check_would_see_a_copy(store: Store, tmp_path: Path) 
     assert measured["growth"] > 0.8 * size, f"{measured['growth'] / MIB:.1f} MiB"
 
 
-_READ_BINARY_IN_A_FRESH_PROCESS = """
+_READ_BINARY_IN_A_FRESH_PROCESS = (
+    PROC_STATUS
+    + """
 import hashlib, json, sys
 from pathlib import Path
 import sqlalchemy as sa
 import medcourier.engine.payload_read as r
 from medcourier.engine.store import Store
-
-def status():
-    found = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            found[key] = int(value.split()[0]) * 1024
-    return found
 
 url, data_dir, binary_id, plain = sys.argv[1] or None, Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 if plain == "plain":
@@ -429,6 +419,7 @@ content_type, data = store.get_binary(binary_id)
 peak = status()["VmHWM"]
 print(json.dumps({"growth": peak - before, "sha256": hashlib.sha256(data).hexdigest()}))
 """
+)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")

@@ -54,7 +54,14 @@ from medcourier.engine.plugins import ConnectorType, hookimpl
 from medcourier.engine.schema import renderings
 from medcourier.engine.store import Store
 from medcourier.transforms.hl7v2 import oru, oru_ans
-from tests.harness import LoopThread, Running, free_port, running_engine, stored_document
+from tests.harness import (
+    PROC_STATUS,
+    LoopThread,
+    Running,
+    free_port,
+    running_engine,
+    stored_document,
+)
 from tests.services import postgres_url
 
 MIB = 1024 * 1024
@@ -368,20 +375,14 @@ def test_the_claim_reads_exactly_the_stored_payload(store: Store, payload: bytes
     assert len(got) == len(payload) and got == payload
 
 
-_READ_IN_A_FRESH_PROCESS = """
+_READ_IN_A_FRESH_PROCESS = (
+    PROC_STATUS
+    + """
 import hashlib, json, sys
 from pathlib import Path
 import sqlalchemy as sa
 from medcourier.engine.schema import renderings
 from medcourier.engine.store import Store
-
-def status():
-    found = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            found[key] = int(value.split()[0]) * 1024
-    return found
 
 url, data_dir, txid = sys.argv[1] or None, Path(sys.argv[2]), sys.argv[3]
 store = Store(url, data_dir)
@@ -394,6 +395,7 @@ payload = claim.document.payload
 peak = status()["VmHWM"]
 print(json.dumps({"growth": peak - before, "sha256": hashlib.sha256(payload).hexdigest()}))
 """
+)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")

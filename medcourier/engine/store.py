@@ -234,42 +234,23 @@ class Store(DirectoryStore, ResourceStore):
         route_list = list(routes)
         if not route_list:  # a document nothing would deliver (submit refuses it before this)
             raise ValueError("a document is accepted for at least one route")
+        document = {
+            "transaction_id": transaction_id,
+            "created_at": created_at,
+            "content_type": content_type,
+            "document_type": document_type,
+            "title": title,
+            "sender_identifier": sender_identifier,
+            "sender_application": sender_application,
+            "patient_id": patient_id,
+            "encounter_id": encounter_id,
+            "payload_size": len(payload),
+        }
         if c.dialect.name == "postgresql" and len(payload) <= DIRECT_WRITE_BYTES:
-            c.execute(
-                _ACCEPT_PG,
-                {
-                    "txid": transaction_id,
-                    "created_at": created_at,
-                    "content_type": content_type,
-                    "document_type": document_type,
-                    "title": title,
-                    "sender_identifier": sender_identifier,
-                    "sender_application": sender_application,
-                    "patient_id": patient_id,
-                    "encounter_id": encounter_id,
-                    "payload_size": len(payload),
-                    "data": payload,
-                    "routes": route_list,
-                    "status": Status.PREPARATION.value,
-                    "at": at,
-                },
-            )
+            rest = {"data": payload, "routes": route_list, "status": Status.PREPARATION.value}
+            c.execute(_ACCEPT_PG, {**document, **rest, "at": at})
             return
-        c.execute(
-            documents.insert(),
-            {
-                "transaction_id": transaction_id,
-                "created_at": created_at,
-                "content_type": content_type,
-                "document_type": document_type,
-                "title": title,
-                "sender_identifier": sender_identifier,
-                "sender_application": sender_application,
-                "patient_id": patient_id,
-                "encounter_id": encounter_id,
-                "payload_size": len(payload),
-            },
-        )
+        c.execute(documents.insert(), document)
         insert_payload(c, transaction_id, payload)
         c.execute(
             deliveries.insert(),
@@ -717,13 +698,13 @@ def _mark_claimed(c: Connection, route: str, rows: list[Any], at: datetime) -> N
 _ACCEPT_PG = sa.text(
     "WITH doc AS (INSERT INTO documents (transaction_id, created_at, content_type,"
     " document_type, title, sender_identifier, sender_application, patient_id, encounter_id,"
-    " payload_size) VALUES (:txid, :created_at, :content_type, :document_type, :title,"
+    " payload_size) VALUES (:transaction_id, :created_at, :content_type, :document_type, :title,"
     " :sender_identifier, :sender_application, :patient_id, :encounter_id, :payload_size)),"
-    " pay AS (INSERT INTO payloads (transaction_id, data) VALUES (:txid, :data)),"
+    " pay AS (INSERT INTO payloads (transaction_id, data) VALUES (:transaction_id, :data)),"
     " dlv AS (INSERT INTO deliveries (transaction_id, route, status, status_at, attempts)"
-    " SELECT :txid, r, :status, :at, 0 FROM unnest(CAST(:routes AS text[])) AS r)"
+    " SELECT :transaction_id, r, :status, :at, 0 FROM unnest(CAST(:routes AS text[])) AS r)"
     " INSERT INTO status_events (transaction_id, route, status, at, reason)"
-    " SELECT :txid, u.r, :status, :at, 'accepted'"
+    " SELECT :transaction_id, u.r, :status, :at, 'accepted'"
     " FROM unnest(CAST(:routes AS text[])) WITH ORDINALITY AS u(r, n) ORDER BY u.n"
 ).bindparams(
     sa.bindparam("created_at", type_=documents.c.created_at.type),
