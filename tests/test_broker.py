@@ -720,6 +720,15 @@ class HeldPipeline:
         self.events.append("written 1")
         self.in_hand -= 1
 
+    async def hold_an_item(self, broker: AmqpBroker) -> None:
+        """Start ``broker`` with a route "lab" of one item consumed by this pipeline, and
+        return once that item is held in ``begin``."""
+        await broker.start(["lab"])
+        await broker.publish(WorkItem("tx-held", "lab"))
+        await broker.consume("lab", self)
+        assert "lab" in broker._lanes, "the route must be consumed as a pipeline"
+        await asyncio.wait_for(self.in_begin.wait(), 5)
+
 
 def test_amqp_pipelined_item_comes_back_only_after_its_status_write() -> None:
     """A consumer channel closed by RabbitMQ is reopened only once every task of its route is
@@ -739,11 +748,7 @@ def test_amqp_pipelined_item_comes_back_only_after_its_status_write() -> None:
         closed.set()
 
     async def scenario() -> None:
-        await broker.start(["lab"])
-        await broker.publish(WorkItem("tx-held", "lab"))
-        await broker.consume("lab", pipeline)
-        assert "lab" in broker._lanes, "the route must be consumed as a pipeline"
-        await asyncio.wait_for(pipeline.in_begin.wait(), 5)
+        await pipeline.hold_an_item(broker)
         channel = broker._consumer_channels["lab"]
         assert "lab" not in broker._resume_tasks
         channel.add_on_close_callback(on_close)
@@ -810,11 +815,7 @@ def test_amqp_close_waits_for_work_a_pipeline_starts_while_closing() -> None:
     outcome: dict[str, Any] = {}
 
     async def scenario() -> None:
-        await broker.start(["lab"])
-        await broker.publish(WorkItem("tx-held", "lab"))
-        await broker.consume("lab", pipeline)
-        assert "lab" in broker._lanes, "the route must be consumed as a pipeline"
-        await asyncio.wait_for(pipeline.in_begin.wait(), 5)
+        await pipeline.hold_an_item(broker)
         lane = broker._lanes["lab"]
         closing_task = asyncio.create_task(broker.close())
         # close() has looked at the tasks in flight once its lanes are closed and its consumer
