@@ -53,7 +53,17 @@ ENGINE_EMBEDDED = "medcourier engine, embedded (persists before ACK)"
 ENGINE_RABBITMQ = "medcourier engine, RabbitMQ+PostgreSQL (persists before ACK)"
 JOURNAL_EMBEDDED = "medcourier engine, embedded, ack after journal"
 JOURNAL_RABBITMQ = "medcourier engine, RabbitMQ+PostgreSQL, ack after journal"
-JOURNALED = (JOURNAL_EMBEDDED, JOURNAL_RABBITMQ)
+RECEIPT_EMBEDDED = "medcourier engine, embedded, ack after receipt"
+RECEIPT_RABBITMQ = "medcourier engine, RabbitMQ+PostgreSQL, ack after receipt"
+JOURNALED = (JOURNAL_EMBEDDED, JOURNAL_RABBITMQ, RECEIPT_EMBEDDED, RECEIPT_RABBITMQ)
+ENGINES = {  # row label: (backend, ack_after)
+    ENGINE_EMBEDDED: ("embedded", "apply"),
+    ENGINE_RABBITMQ: ("rabbitmq", "apply"),
+    JOURNAL_EMBEDDED: ("embedded", "journal"),
+    JOURNAL_RABBITMQ: ("rabbitmq", "journal"),
+    RECEIPT_EMBEDDED: ("embedded", "receipt"),
+    RECEIPT_RABBITMQ: ("rabbitmq", "receipt"),
+}
 DRAIN_TIMEOUT = 900.0
 RABBIT = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 POSTGRES = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -148,11 +158,12 @@ async def serve_medcourier() -> None:
     await asyncio.Event().wait()
 
 
-async def serve_engine(backend: str, journal: bool) -> None:
+async def serve_engine(backend: str, ack_after: str) -> None:
     """The whole engine: ADT upserts the directory, ORU stores and queues a document (delivered
-    to a simulated EHR in the same process), and only then is the message ACKed; with
-    ``journal``, the message is ACKed once journaled and applied just after (``ack_after:
-    journal``), and the store's URL is printed for the loader to watch the journal drain."""
+    to a simulated EHR in the same process), and only then is the message ACKed
+    (``ack_after: apply``). With ``journal``, the message is ACKed once checked and journaled;
+    with ``receipt``, once journaled unread; both are applied just after, and the store's URL is
+    printed for the loader to watch the journal drain."""
     import signal
     import uuid
 
@@ -182,7 +193,7 @@ async def serve_engine(backend: str, journal: bool) -> None:
                     "host": HOST,
                     "port": 0,
                     "max_message_bytes": READ_LIMIT,
-                    "ack_after": "journal" if journal else "apply",
+                    "ack_after": ack_after,
                 }
             ],
             "routes": [
@@ -304,7 +315,7 @@ class Figures:
     p50_ms: float
     p99_ms: float
     failures: int
-    applied_per_second: float | None = None  # ack after journal: received to journal empty
+    applied_per_second: float | None = None  # journaled: received to journal empty
 
 
 async def one_connection(port: int, frames: list[bytes], latencies: list[float]) -> int:
@@ -397,10 +408,7 @@ def main() -> int:
         choices=[
             "medcourier",
             "python-hl7",
-            "engine-embedded",
-            "engine-rabbitmq",
-            "engine-embedded-journal",
-            "engine-rabbitmq-journal",
+            *(f"engine-{backend}-{ack_after}" for backend, ack_after in ENGINES.values()),
         ],
         help=argparse.SUPPRESS,
     )
@@ -418,8 +426,8 @@ def main() -> int:
         asyncio.run(serve_python_hl7())
         return 0
     if args.serve and args.serve.startswith("engine-"):
-        backend = args.serve.removeprefix("engine-").removesuffix("-journal")
-        asyncio.run(serve_engine(backend, args.serve.endswith("-journal")))
+        _engine, backend, ack_after = args.serve.split("-")
+        asyncio.run(serve_engine(backend, ack_after))
         return 0
 
     connection_counts = [int(n) for n in args.connections.split(",")]
@@ -434,26 +442,8 @@ def main() -> int:
         ]
         if not args.no_engine:
             starters += [
-                (
-                    ENGINE_EMBEDDED,
-                    lambda: start_process(ENGINE_EMBEDDED, [*me, "--serve", "engine-embedded"]),
-                ),
-                (
-                    ENGINE_RABBITMQ,
-                    lambda: start_process(ENGINE_RABBITMQ, [*me, "--serve", "engine-rabbitmq"]),
-                ),
-                (
-                    JOURNAL_EMBEDDED,
-                    lambda: start_process(
-                        JOURNAL_EMBEDDED, [*me, "--serve", "engine-embedded-journal"]
-                    ),
-                ),
-                (
-                    JOURNAL_RABBITMQ,
-                    lambda: start_process(
-                        JOURNAL_RABBITMQ, [*me, "--serve", "engine-rabbitmq-journal"]
-                    ),
-                ),
+                (label, engine_starter(label, [*me, "--serve", f"engine-{backend}-{ack_after}"]))
+                for label, (backend, ack_after) in ENGINES.items()
             ]
         only = [part.strip() for part in args.only.split(",") if part.strip()]
         if only:
@@ -470,6 +460,8 @@ def main() -> int:
             try:
                 asyncio.run(load(server.port, adt_a01, 4, 200, journal))  # warm-up
                 for kind, build in MESSAGES.items():
+                    if not counts[kind]:
+                        continue  # --adt-count 0 / --oru-count 0: that message is not run
                     for n in connection_counts:
                         results[label, kind, n] = asyncio.run(
                             load(server.port, build, n, counts[kind], journal)
@@ -479,6 +471,10 @@ def main() -> int:
                 server.stop()
     print_table(results, connection_counts)
     return 0
+
+
+def engine_starter(label: str, command: list[str]) -> Callable[[], Server]:
+    return lambda: start_process(label, command)
 
 
 def start_medplum(directory: Path) -> Server:
@@ -493,7 +489,7 @@ def print_table(results: dict[tuple[str, str, int], Figures | str], connections:
     for kind in MESSAGES:
         for n in connections:
             baseline = results.get((PYTHON_HL7, kind, n))
-            labels = (MEDCOURIER, ENGINE_EMBEDDED, ENGINE_RABBITMQ, *JOURNALED, PYTHON_HL7, MEDPLUM)
+            labels = (MEDCOURIER, *ENGINES, PYTHON_HL7, MEDPLUM)
             for label in labels:
                 if (label, kind, n) not in results:
                     continue

@@ -271,7 +271,8 @@ class Inbound:
         # When set, documents from this channel go to exactly these routes (no matching).
         self.routes = routes
         # "apply": answer once the message is applied (directory updated, documents queued);
-        # "journal": once checked and journaled, applied just after (engine/inbound_journal.py).
+        # "journal": once checked and journaled, applied just after (engine/inbound_journal.py);
+        # "receipt": once journaled, read and applied just after.
         self.ack_after = ack_after
 
 
@@ -417,11 +418,13 @@ def parse_config(
     return Config(settings, routes, source, inbound)
 
 
-ACK_AFTER = ("apply", "journal")
-"""When an inbound channel answers its sender: once the message is applied, or journaled."""
+ACK_AFTER = ("apply", "journal", "receipt")
+"""When an inbound channel answers its sender: once the message is applied; once it is checked
+and journaled; once it is journaled, unread (engine/inbound_journal.py)."""
 
 JOURNALED_CHANNELS = ("mllp",)
-"""Channels whose senders wait for each answer, for whom ``ack_after: journal`` is meant."""
+"""Channels whose senders wait for each answer, for whom ``ack_after: journal`` and
+``receipt`` are meant."""
 
 INBOUND_CORE_KEYS = ("name", "routes", "ack_after")
 """Keys of an ``inbound[]`` entry the core reads; the rest are the channel plugin's options."""
@@ -459,9 +462,9 @@ def _inbound(
         if ack_after not in ACK_AFTER:
             problems.append(f"{where}.ack_after: one of {', '.join(ACK_AFTER)}")
             continue
-        if ack_after == "journal" and kind.name not in JOURNALED_CHANNELS:
+        if ack_after != "apply" and kind.name not in JOURNALED_CHANNELS:
             problems.append(
-                f"{where}.ack_after: journal is for {', '.join(JOURNALED_CHANNELS)} listeners "
+                f"{where}.ack_after: {ack_after} is for {', '.join(JOURNALED_CHANNELS)} listeners "
                 f"(a {kind.name} input is answered once applied)"
             )
             continue

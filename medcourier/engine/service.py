@@ -106,7 +106,7 @@ class Engine:
         self.workers: dict[str, RouteWorker] = {}
         self.base_url = s.http.base_url()
         self.inbound: list[InboundChannel] = []
-        self.appliers: list[JournalApplier] = []  # of listeners with ack_after: journal
+        self.appliers: list[JournalApplier] = []  # of listeners with ack_after: journal or receipt
         self.pruner = Pruner(self.store, config)
         self.control = RouteControl(self.store)  # pause / resume, shared through the store
         self._server: uvicorn.Server | None = None
@@ -205,11 +205,11 @@ class Engine:
         for spec in self.config.inbound:
             engine_sink = EngineSink(self, window, spec.routes)
             sink: InboundSink = engine_sink
-            if spec.ack_after == "journal":
+            if spec.ack_after in ("journal", "receipt"):
                 applier = JournalApplier(engine_sink, self.store, spec.name)
                 applier.start()  # before the listener: rows a crash left are applied first
                 self.appliers.append(applier)
-                sink = JournalingSink(engine_sink, applier)
+                sink = JournalingSink(engine_sink, applier, check=spec.ack_after == "journal")
             channel = self.plugins.inbound[spec.channel].open(spec.options, sink, spec.name)
             await channel.start()
             self.inbound.append(channel)
