@@ -166,6 +166,127 @@ def test_a_resend_that_no_longer_reads_is_answered_as_the_duplicate_it_is(
     assert _journal_rows(eng) == 0
 
 
+# -- ack_after: receipt ----------------------------------------------------------------------
+# Journaled unread: every message the listener's own header checks let through is answered AA
+# (CA in enhanced mode); what is wrong with one is found when it is applied, and kept in the
+# journal for the operator, as what cannot be applied is in ``ack_after: journal``.
+
+RECEIPT = {**LISTENER, "ack_after": "receipt"}
+
+
+@pytest.fixture
+def eng_receipt(
+    lt: LoopThread, tmp_path: Path, hospa: EhrSimulator, backend: dict[str, Any]
+) -> Iterator[Running]:
+    with running_engine(
+        lt, tmp_path, inbound=[RECEIPT], extra_routes=[_hospa_route(hospa.port)], **backend
+    ) as running:
+        yield running
+
+
+def _no_ipp(cid: str) -> str:
+    """An ADT whose PID names no patient identifier: it does not read (AE when checked)."""
+    text = ADT_A01.format(cid=cid).replace(
+        "PID|1||IPP-900^^^HOSPA&1.2.250.1.999.1&ISO^PI||", "PID|1||||"
+    )
+    assert text != ADT_A01.format(cid=cid)
+    return text
+
+
+def test_receipt_answers_aa_unread_and_parks_what_does_not_read(
+    lt: LoopThread, eng_receipt: Running
+) -> None:
+    """The message the journal mode answers AE is answered AA here; applied, it fails alone,
+    with the reason its AE would have given, and the messages after it are applied in order."""
+    updates = [_a08(f"RUPD-{i}", f"Receipt{i}") for i in range(1, 6)]
+    messages = [_no_ipp("RBAD-1"), ADT_A01.format(cid="RGOOD-1"), *updates]
+    acks = lt.run(_exchange(_port(eng_receipt), messages))
+    assert [_msa(a) for a in acks] == [
+        ("AA", "RBAD-1"),
+        ("AA", "RGOOD-1"),
+        *(("AA", f"RUPD-{i}") for i in range(1, 6)),
+    ]
+    assert all("ERR" not in [str(seg[0]) for seg in a] for a in acks)  # nothing read yet
+
+    eventually(lambda: _family(eng_receipt) == "Receipt5", 20, "the updates applied in order")
+    eventually(lambda: _journal_rows(eng_receipt, failed=True) == 1, 10, "the bad row parked")
+    eventually(lambda: _journal_rows(eng_receipt) == 1, 10, "the good rows deleted")
+    with eng_receipt.engine.store.sync.engine.connect() as c:
+        (entry,) = read_entries(c, "hl7-in", failed=True)
+        assert read_entries(c, "hl7-in", failed=False) == []
+    assert entry.message.control_id == "RBAD-1"
+    assert entry.message.text == messages[0]  # kept as received, for a retry
+    assert entry.reason is not None and "PID" in entry.reason
+    applier = eng_receipt.engine.appliers[0]  # counted once the rows are settled
+    eventually(lambda: (applier.applied, applier.failed) == (6, 1), 10, "counted")
+
+
+def test_receipt_parks_a_bad_document_and_delivers_the_good_one_once(
+    lt: LoopThread, eng_receipt: Running, hospa: EhrSimulator
+) -> None:
+    """A document that is not what it says is found when applied: the row fails with the
+    content-type reason, none of that message's documents is queued (not even its good
+    first one), and the next message's document is delivered once."""
+    payload = pdf_bytes(500)
+    good = oru("RDOC-1", payload)
+    not_a_pdf = base64.b64encode(b"this is not a PDF").decode()
+    two = (
+        good.replace("RDOC-1", "RDOC-2")
+        + f"OBX|2|ED|11502-2^Bilan^LN||^AP^PDF^Base64^{not_a_pdf}||||||F\r"
+    )
+    acks = lt.run(_exchange(_port(eng_receipt), [ADT_A01.format(cid="RADT-2"), two, good]))
+    assert [_msa(a) for a in acks] == [("AA", "RADT-2"), ("AA", "RDOC-2"), ("AA", "RDOC-1")]
+
+    eventually(lambda: len(hospa.received) == 1, 20, "the good one delivered")
+    eventually(lambda: _journal_rows(eng_receipt, failed=True) == 1, 10, "the bad row parked")
+    eventually(lambda: _journal_rows(eng_receipt) == 1, 10, "the good rows deleted")
+    with eng_receipt.engine.store.sync.engine.connect() as c:
+        (entry,) = read_entries(c, "hl7-in", failed=True)
+    assert entry.message.control_id == "RDOC-2"
+    assert entry.reason is not None and "content type" in entry.reason
+    obx = next(seg for seg in hospa.received[0].decode().split("\r") if seg.startswith("OBX|"))
+    assert base64.b64decode(obx.split("|")[5].split("^")[4]) == payload
+    assert eng_receipt.document_count() == 1  # the bad message's good first OBX: not queued
+
+
+@pytest.mark.parametrize("applied_first", [True, False], ids=["after-apply", "sent-together"])
+def test_receipt_a_resend_that_no_longer_reads_is_a_duplicate(
+    lt: LoopThread, eng_receipt: Running, applied_first: bool
+) -> None:
+    """Journaled unread, the resend is only found to be a duplicate when applied: its row is
+    deleted as applied, not parked as failed, whether the first was applied before the resend
+    came or (sent right behind it) is usually still in the journal with it."""
+    port = _port(eng_receipt)
+    if applied_first:
+        acks = lt.run(_exchange(port, [ADT_A01.format(cid="RADT-5")]))
+        eventually(lambda: _family(eng_receipt) == "Lévêque^Test", 20, "the first applied")
+        eventually(lambda: _journal_rows(eng_receipt) == 0, 10, "the first row deleted")
+        acks += lt.run(_exchange(port, [_no_ipp("RADT-5")]))
+    else:
+        acks = lt.run(_exchange(port, [ADT_A01.format(cid="RADT-5"), _no_ipp("RADT-5")]))
+    assert [_msa(a) for a in acks] == [("AA", "RADT-5")] * 2
+
+    applier = eng_receipt.engine.appliers[0]
+    eventually(lambda: applier.applied == 2, 20, "both applied")
+    assert _journal_rows(eng_receipt) == 0
+    assert applier.failed == 0
+    assert _family(eng_receipt) == "Lévêque^Test"
+
+
+def test_receipt_in_enhanced_mode_answers_the_commit_ack(
+    lt: LoopThread, eng_receipt: Running
+) -> None:
+    """MSH-15 = AL asks for the commit acknowledgement: CA, for a message that reads and for
+    one that does not (in ``ack_after: journal`` that one gets CE), since both are journaled."""
+    good = ADT_A01.format(cid="RENH-1").replace("|2.5|||||FRA|", "|2.5|||AL||FRA|")
+    bad = _no_ipp("RENH-2").replace("|2.5|||||FRA|", "|2.5|||AL||FRA|")
+    assert good.split("\r")[0].split("|")[14] == bad.split("\r")[0].split("|")[14] == "AL"
+    acks = lt.run(_exchange(_port(eng_receipt), [good, bad]))
+    assert [_msa(a) for a in acks] == [("CA", "RENH-1"), ("CA", "RENH-2")]
+    eventually(lambda: _family(eng_receipt) == "Lévêque^Test", 20, "the good one applied")
+    eventually(lambda: _journal_rows(eng_receipt, failed=True) == 1, 10, "the bad row parked")
+
+
 def _message(text: str, cid: str) -> InboundMessage:
     return InboundMessage(
         text=text,
@@ -195,6 +316,66 @@ def test_rows_a_stopped_engine_left_are_applied_at_start(
     with running_engine(lt, tmp_path, inbound=[JOURNALED], **backend) as eng:
         eventually(lambda: _family(eng) == "Survivor", 20, "the journal applied at start")
         eventually(lambda: _journal_rows(eng) == 0, 10, "the journal emptied")
+
+
+TRICKY = [
+    "é à ç Lévêque\\S\\Hélène",
+    "emoji outside the BMP: \U0001f600 \U0001f3e5 \U00010348",
+    'double "quotes" and \\"escaped\\" ones',
+    "back\\slashes \\\\ \\E\\ \\u0041 \\n (not a newline)",
+    "carriage\rreturn, line\nfeed, crlf\r\n, tab\there",
+    "",
+    "null",
+    "[1, 2]",
+    '{"a": 1}',
+    "0123",
+    "'single' -- ; DROP TABLE inbound_journal",
+    "\u2028\u2029 \x7f \x1f \x01 combining e\u0301 rtl \u05e9\u05dc\u05d5\u05dd",
+    "  leading and trailing spaces  ",
+]
+"""Text that a JSON encoding, a JSON unpacking in the database or a driver could get wrong."""
+
+
+def _tricky_message(i: int) -> InboundMessage:
+    t = TRICKY[i % len(TRICKY)]
+    short = t[:40]  # message_type is 20 characters, the header fields 400: the same trickery
+    return InboundMessage(
+        text=f"MSH|^~\\&|{i}|{t}\r" if i != 7 else "x" * 50_000 + t + "é\U0001f600" * 12_500,
+        channel="hl7-in" if i % 3 else "hl7-é\U0001f600",
+        sending_application=short if i % 4 else "",
+        sending_facility=t[::-1][:40],
+        control_id=f"{i}:{short}",
+        message_type=t[:20],
+        peer=None if i % 5 == 0 else f"{short}:{i}",
+    )
+
+
+def test_journal_writes_give_back_exactly_what_was_journaled(
+    tmp_path: Path, backend: dict[str, Any]
+) -> None:
+    """Rows travel to the database as one JSON array it unpacks: every character, an empty
+    field, a missing peer and a 100 KB text come back as sent, numbered in the order sent,
+    and a later write is numbered after."""
+    first = [_tricky_message(i) for i in range(300)]
+    second = [_tricky_message(i) for i in range(300, 310)]
+    assert len(first[7].text.encode()) > 100_000
+    store = Store(backend.get("store"), tmp_path / "data")
+    store.create_schema()
+    try:
+        seqs = store.transaction(tx_journal, first)
+        more = store.transaction(tx_journal, second)
+        assert len(seqs) == len(first) and len(more) == len(second)
+        assert seqs == sorted(set(seqs)) and more == sorted(set(more))  # strictly increasing
+        assert min(more) > max(seqs)
+        with store.engine.connect() as c:
+            entries = read_entries(c, None, failed=False, limit=1000)
+        assert [e.seq for e in entries] == seqs + more
+        for sent, entry in zip(first + second, entries, strict=True):
+            assert entry.message == sent, entry.seq
+        assert not any(e.failed or e.reason for e in entries)
+        assert len({e.received_at for e in entries[:300]}) == 1  # one write, one time
+    finally:
+        store.dispose()
 
 
 def test_a_message_that_cannot_be_applied_stays_for_the_operator(
@@ -250,23 +431,31 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_journal_is_only_for_mllp_listeners(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ack_after", ["journal", "receipt"])
+def test_journal_is_only_for_mllp_listeners(tmp_path: Path, ack_after: str) -> None:
+    """Both journaled modes answer before applying, which only means something to a sender that
+    waits for each answer: a folder or an HTTP client is answered once applied."""
     folder = {
         "name": "inbox",
         "channel": "filedrop",
         "path": str(tmp_path / "in"),
-        "ack_after": "journal",
+        "ack_after": ack_after,
     }
     text = engine_config(tmp_path / "data", 1, inbound=[folder])
     with pytest.raises(Exception) as raised:
         parse_config(text, load_plugins(), "test.yaml")
-    assert "inbound[0].ack_after: journal is for mllp listeners" in str(raised.value)
+    assert f"inbound[0].ack_after: {ack_after} is for mllp listeners" in str(raised.value)
 
     bad = engine_config(tmp_path / "data", 1, inbound=[{**LISTENER, "ack_after": "later"}])
     with pytest.raises(Exception) as raised:
         parse_config(bad, load_plugins(), "test.yaml")
-    assert "inbound[0].ack_after: one of apply, journal" in str(raised.value)
-    assert yaml.safe_load(text)["inbound"][0]["ack_after"] == "journal"
+    assert "inbound[0].ack_after: one of apply, journal, receipt" in str(raised.value)
+    assert yaml.safe_load(text)["inbound"][0]["ack_after"] == ack_after
+
+    # On an mllp listener, the same value is taken.
+    fine = engine_config(tmp_path / "data", 1, inbound=[{**LISTENER, "ack_after": ack_after}])
+    (spec,) = parse_config(fine, load_plugins(), "test.yaml").inbound
+    assert spec.ack_after == ack_after
 
 
 def test_many_connections_at_once_lose_nothing(lt: LoopThread, eng: Running) -> None:
