@@ -15,6 +15,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import sqlalchemy as sa
 import yaml
 
 from medcourier.channels.mllp.simulator import EhrSimulator
+from medcourier.engine.clock import now
 from medcourier.engine.config import parse_config
 from medcourier.engine.inbound import InboundMessage
 from medcourier.engine.inbound_journal import read_entries, tx_journal
@@ -287,6 +289,77 @@ def test_receipt_in_enhanced_mode_answers_the_commit_ack(
     eventually(lambda: _journal_rows(eng_receipt, failed=True) == 1, 10, "the bad row parked")
 
 
+async def _send_until_acked(port: int, text: str, tries: int = 10) -> tuple[str, int]:
+    """Send ``text`` as a sender does: again, on a new connection, while the listener hangs up
+    without answering. Returns the MSA-1 it finally got and how many tries went unanswered."""
+    for lost in range(tries):
+        try:
+            (ack,) = await _exchange(port, [text])
+        except (asyncio.IncompleteReadError, ConnectionError):
+            continue
+        return _msa(ack)[0], lost
+    raise AssertionError(f"no answer in {tries} tries")
+
+
+@pytest.mark.parametrize("ack_after", ["journal", "receipt"])
+def test_journal_writes_survive_postgresql_dropping_their_connections(
+    lt: LoopThread, tmp_path: Path, hospa: EhrSimulator, ack_after: str
+) -> None:
+    """Journal inserts run on connections of their own, in autocommit: when PostgreSQL drops
+    them (a restart, a failover, an administrator), the message that met a dead one is not
+    answered, so its sender sends it again, and the next write connects again. Nothing is
+    lost or applied twice, and each writer thread fails at most once."""
+    instance = f"mctest-{uuid.uuid4().hex[:8]}"
+    listener = {**LISTENER, "ack_after": ack_after}
+    with (
+        own_postgres_database() as store,
+        running_engine(
+            lt,
+            tmp_path,
+            inbound=[listener],
+            extra_routes=[_hospa_route(hospa.port)],
+            instance=instance,
+            broker=rabbitmq_url(),
+            store=store,
+        ) as eng,
+    ):
+        try:
+            port = _port(eng)
+            first = [_a08(f"PGD-{i}", f"Before{i}") for i in range(8)]
+            acks = lt.run(_exchange(port, first))
+            assert [_msa(a)[0] for a in acks] == ["AA"] * 8
+            eventually(lambda: _journal_rows(eng) == 0, 20, "the first ones applied")
+
+            admin = sa.create_engine(store.replace("postgresql://", "postgresql+psycopg://", 1))
+            with admin.connect() as c:
+                killed = c.execute(
+                    sa.text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                ).scalar_one()
+            admin.dispose()
+            assert killed >= 2  # the journal writers' connections at least
+
+            lost = 0
+            for i in range(12):
+                code, unanswered = lt.run(_send_until_acked(port, _a08(f"PGA-{i}", f"After{i}")))
+                assert code == "AA"
+                lost += unanswered
+            writers = eng.engine.store.writers
+            assert lost <= writers + 1  # once per dead connection (+ the pool's), not forever
+
+            eventually(lambda: _journal_rows(eng) == 0, 30, "everything applied")
+            eventually(lambda: _family(eng) == "After11", 20, "the updates applied in order")
+            applier = eng.engine.appliers[0]
+            assert applier.failed == 0
+            # Each message's effect once: the one patient, updated by each message in turn.
+            with eng.engine.store.sync.engine.connect() as c:
+                assert c.execute(sa.select(sa.func.count()).select_from(patients)).scalar() == 1
+        finally:
+            delete_broker_objects(rabbitmq_url(), instance, ["ehr-a", "hospa"])
+
+
 def _message(text: str, cid: str) -> InboundMessage:
     return InboundMessage(
         text=text,
@@ -362,7 +435,9 @@ def test_journal_writes_give_back_exactly_what_was_journaled(
     store = Store(backend.get("store"), tmp_path / "data")
     store.create_schema()
     try:
+        before = now()
         seqs = store.transaction(tx_journal, first)
+        after = now()
         more = store.transaction(tx_journal, second)
         assert len(seqs) == len(first) and len(more) == len(second)
         assert seqs == sorted(set(seqs)) and more == sorted(set(more))  # strictly increasing
@@ -374,6 +449,13 @@ def test_journal_writes_give_back_exactly_what_was_journaled(
             assert entry.message == sent, entry.seq
         assert not any(e.failed or e.reason for e in entries)
         assert len({e.received_at for e in entries[:300]}) == 1  # one write, one time
+        # The time goes in as the column stores it (SQLite: SQLAlchemy's text) and reads back.
+        at = entries[0].received_at
+        assert isinstance(at, datetime)
+        assert before <= (at if at.tzinfo else at.replace(tzinfo=UTC)) <= after
+        with store.engine.connect() as c:  # found by a time SQLAlchemy binds: stored alike
+            q = sa.select(sa.func.count()).where(inbound_journal.c.received_at == at)
+            assert c.execute(q).scalar_one() == len(first)
     finally:
         store.dispose()
 

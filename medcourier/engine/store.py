@@ -1088,6 +1088,61 @@ class _GroupCommit:
         return False
 
 
+class _Autocommit:
+    """Writer threads for writes of one statement, each on a connection of its own kept in
+    autocommit, so the statement commits as it runs.
+
+    On PostgreSQL a transaction costs three round trips (BEGIN, the statement, COMMIT): for a
+    one-statement write that the sender waits on (the inbound journal's insert), two of them
+    are pure latency. A thread connects on its first write and keeps the connection; one the
+    driver lost is dropped, and the next write connects again.
+    """
+
+    def __init__(self, engine: Engine, threads: int) -> None:
+        self.engine = engine
+        self.queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        self.threads = [
+            threading.Thread(target=self._run, name=f"store-autocommit-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def submit(self, write: _Write) -> None:
+        self.queue.put(write)
+
+    def close(self) -> None:
+        for _ in self.threads:
+            self.queue.put(None)
+        for t in self.threads:
+            t.join()
+
+    def _run(self) -> None:
+        conn: Connection | None = None
+        try:
+            while (w := self.queue.get()) is not None:
+                try:
+                    if conn is None:
+                        conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+                    result = w.fn(conn, *w.args, **w.kwargs)
+                except Exception as exc:
+                    if conn is not None and (conn.invalidated or _lost(exc)):
+                        conn.close()
+                        conn = None
+                    w.settle(error=exc)
+                else:
+                    w.settle(result)
+                del w  # its arguments, while this thread waits for the next write
+        finally:
+            if conn is not None:
+                conn.close()
+
+
+def _lost(exc: Exception) -> bool:
+    """Whether ``exc`` says the connection itself is gone (the next write should reconnect)."""
+    return isinstance(exc, sa.exc.DBAPIError) and bool(exc.connection_invalidated)
+
+
 def _runs(batch: list[_Write]) -> list[list[_Write]]:
     """The batch cut into runs: consecutive writes of one :func:`runs_together` method make one
     run, any other write a run of its own."""
@@ -1130,6 +1185,8 @@ class AsyncStore:
         # PostgreSQL they get a writer thread of their own, where concurrent ones queue into one
         # run and one commit instead of spreading over the writers, each waiting for the lock.
         self._runs = self._writes if writers == 1 else _GroupCommit(store.engine, 1, "runs")
+        # SQLite has one writer, and no round trips to save: its autocommit writes go there.
+        self._autocommit = None if store.is_sqlite else _Autocommit(store.engine, writers)
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a read (or the start-up schema creation) on the reader pool; writes use ``write``."""
@@ -1146,7 +1203,21 @@ class AsyncStore:
         lane.submit(_Write(fn, args, kwargs, loop, future))
         return await future
 
+    async def write_autocommit(
+        self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Run a ``tx_*`` function of one statement, committed as it runs (``_Autocommit``);
+        returns once committed. On SQLite, the same as ``write``."""
+        if self._autocommit is None:
+            return await self.write(fn, *args, **kwargs)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._autocommit.submit(_Write(fn, args, kwargs, loop, future))
+        return await future
+
     def close(self) -> None:
+        if self._autocommit is not None:
+            self._autocommit.close()
         self._writes.close()
         if self._runs is not self._writes:
             self._runs.close()
