@@ -12,9 +12,10 @@ Here:
 
 - :class:`JournalingSink` checks the message as the engine would (interpretation: segments,
   required fields, identifiers; an error is still answered AE/AR with ERR), writes it to the
-  ``inbound_journal`` table through the store's group commit (concurrent connections share one
-  commit), and answers AA (CA in enhanced mode). A message is never answered before its journal
-  row is committed.
+  ``inbound_journal`` table (concurrent connections share one insert and one commit), and
+  answers AA (CA in enhanced mode). A message is never answered before its journal row is
+  committed. With ``ack_after: receipt`` it does not check: the message is journaled unread,
+  and what is wrong with it is found when it is applied (the row is then parked, failed).
 - :class:`JournalApplier` applies journaled messages, oldest first, through the same
   :class:`~medcourier.engine.inbound_sink.EngineSink` the default mode uses, so dedupe,
   directory rules and routing are the same code. A row is deleted once applied. A message the
@@ -131,7 +132,10 @@ _JOURNAL_ROWS = 256
 @functools.cache
 def _journal_insert(paramstyle: str, rows: int) -> str:
     """The statement that inserts ``rows`` journal rows, in the driver's own parameter style."""
-    mark = "?" if paramstyle == "qmark" else "%s"
+    marks = {"qmark": "?", "format": "%s", "pyformat": "%s"}
+    if paramstyle not in marks:
+        raise ValueError(f"journal insert: driver parameter style {paramstyle!r} not supported")
+    mark = marks[paramstyle]
     one = f"({mark}, {mark}, false, {mark}, {mark}, {mark}, {mark}, {mark}, {mark})"
     values = ", ".join([one] * rows)
     return f"INSERT INTO inbound_journal ({_JOURNAL_COLUMNS}) VALUES {values} RETURNING seq"
@@ -149,6 +153,10 @@ def tx_journal(c: Connection, messages: list[InboundMessage]) -> list[int]:
     plain insert. Rows are numbered as they go in (a sequence, AUTOINCREMENT on SQLite: both
     only grow), so the numbers sorted are the messages' in order.
     """
+    if len(messages) > _JOURNAL_ROWS and c.get_execution_options().get("isolation_level") == (
+        "AUTOCOMMIT"
+    ):  # each statement would commit alone: a failure would leave some journaled, unanswered
+        raise ValueError(f"at most {_JOURNAL_ROWS} messages per journal write in autocommit")
     at_type = inbound_journal.c.received_at.type.dialect_impl(c.dialect)
     bind = at_type.bind_processor(c.dialect)  # SQLite: the text SQLAlchemy stores and reads
     at = now()
@@ -554,8 +562,10 @@ class JournalingSink:
     Messages that arrive while journal writes are committing wait for the next one, and go in
     it together, as one multi-row insert: the store's group commit would commit them together
     too, but at a savepoint and a statement each, which at thousands of messages a second is
-    most of the writer's time. SQLite takes one write at a time; PostgreSQL several, as many as
-    the store has writer threads, so that a slow commit does not hold up every sender.
+    most of the writer's time. SQLite takes one write at a time, through the group commit;
+    PostgreSQL several, as many as the store has writer threads, each on an autocommit
+    connection of its own, so that a slow commit does not hold up every sender. A write that
+    takes the last writer first waits briefly for the senders answered last (GATHER_SECONDS).
 
     Order: a sender waits for each ACK before its next message, so its messages are committed,
     and numbered, in the order it sent them, whichever write carries them.
@@ -600,12 +610,18 @@ class JournalingSink:
         self._waiting.append((message, future))
         if self._expected:
             self._expected -= 1
-            if not self._expected and self._gathered is not None:
-                self._gathered.set()
+            if not self._expected:
+                self._end_gathering()
+        if len(self._waiting) >= _JOURNAL_ROWS:
+            self._end_gathering()  # a full statement's worth: nothing to wait for
         self._start_write()
         try:
             seq = await future
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
+        except (
+            sqlalchemy.exc.OperationalError,
+            sqlalchemy.exc.InterfaceError,
+            sqlalchemy.exc.TimeoutError,  # no connection free in the pool
+        ) as exc:
             raise SinkUnavailable(f"store unavailable: {type(exc).__name__}") from exc
         self.applier.journaled(seq, message, meaning)
         return InboundResult(Verdict.ACCEPT)
@@ -618,41 +634,62 @@ class JournalingSink:
             self._writes.add(task)
             task.add_done_callback(self._written)
 
+    def _end_gathering(self) -> None:
+        if self._gathered is not None:
+            self._gathered.set()
+
     def _written(self, task: asyncio.Task[None]) -> None:
         self._writes.discard(task)
         if not self._writes and not self._waiting:
             self.applier.receipt_busy = False
             self.applier.receipt_ended = asyncio.get_running_loop().time()
+        self._end_gathering()  # a writer is free again: a gathering write need not wait
         self._start_write()
 
     async def _write(self) -> None:
         """Write what waits, in one commit."""
-        # One turn of the loop first: messages read in the same pass over the sockets (senders
-        # on several connections answered by the last commit send together) join this write.
-        await asyncio.sleep(0)
-        if self._expected and len(self._writes) >= self._most:  # no writer left for them
-            self._gathered = asyncio.Event()
-            try:
-                async with asyncio.timeout(GATHER_SECONDS):
-                    await self._gathered.wait()
-            except TimeoutError:
-                self._expected = 0  # they are not coming (yet): stop expecting them
-            finally:
-                self._gathered = None
-        self._starting = False
-        # One statement's worth: in autocommit, a write of several would commit piecemeal.
-        batch, self._waiting = self._waiting[:_JOURNAL_ROWS], self._waiting[_JOURNAL_ROWS:]
+        batch: list[tuple[InboundMessage, asyncio.Future[int]]] = []
+        try:
+            await self._gather()
+            # One statement's worth: on an autocommit connection, more would commit piecemeal.
+            batch, self._waiting = self._waiting[:_JOURNAL_ROWS], self._waiting[_JOURNAL_ROWS:]
+        finally:
+            self._starting = False
+        self._start_write()  # what is left over, should a writer be free
         try:
             seqs = await self.store.write_autocommit(tx_journal, [m for m, _ in batch])
-        except Exception as exc:  # each waiting message's sender gets no ACK
+            if len(seqs) != len(batch):
+                raise RuntimeError(f"journal write gave {len(seqs)} numbers for {len(batch)}")
+        except BaseException as exc:  # each waiting message's sender gets no ACK
+            failure = exc if isinstance(exc, Exception) else SinkUnavailable("engine stopping")
             for _, future in batch:
                 if not future.done():
-                    future.set_exception(exc)
-            return
+                    future.set_exception(failure)
+            if isinstance(exc, Exception):
+                return  # told to each sender; nothing for the task to report
+            raise
         for (_, future), seq in zip(batch, seqs, strict=True):
             if not future.done():  # its connection may have gone meanwhile
                 future.set_result(seq)
                 self._expected += 1
+
+    async def _gather(self) -> None:
+        """Let the senders that will write together arrive (see GATHER_SECONDS)."""
+        # One turn of the loop first: messages read in the same pass over the sockets (senders
+        # on several connections answered by the last commit send together) join this write.
+        await asyncio.sleep(0)
+        if not self._expected or len(self._writes) < self._most:  # a writer is left for them
+            return
+        if len(self._waiting) >= _JOURNAL_ROWS:
+            return
+        self._gathered = asyncio.Event()
+        try:
+            async with asyncio.timeout(GATHER_SECONDS):
+                await self._gathered.wait()
+        except TimeoutError:
+            self._expected = 0  # they are not coming (yet): stop expecting them
+        finally:
+            self._gathered = None
 
     async def document(self, document: InboundDocument) -> InboundResult:
         return await self.sink.document(document)

@@ -157,6 +157,10 @@ class Store(DirectoryStore, ResourceStore):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
             kwargs["pool_size"] = 8
+            # Threads that may hold a connection at once: 8 readers, 4 group-commit writers, the
+            # directory runs' writer, 4 journal writers (autocommit), a journal applier's lock
+            # per listener, the pruner and the control API. Past that, a write waits for one.
+            kwargs["max_overflow"] = 24
             # No pre-ping: it costs a round trip per checkout; a dropped connection fails one
             # call and the pool replaces it.
         self.engine: Engine = sa.create_engine(self.url, **kwargs)
