@@ -31,7 +31,7 @@ from medcourier.engine.inbound import InboundMessage, Verdict
 from medcourier.engine.inbound_journal import JournalingSink, read_entries, tx_journal
 from medcourier.engine.plugins import load_plugins
 from medcourier.engine.schema import inbound_journal, inbound_log, patients
-from medcourier.engine.store import Store
+from medcourier.engine.store import AsyncStore, Store
 from tests.harness import LoopThread, Running, engine_config, eventually, pdf_bytes, running_engine
 from tests.services import delete_broker_objects, own_postgres_database, rabbitmq_url
 from tests.test_inbound_mllp import ADT_A01, _exchange, _hospa_route, _msa, oru
@@ -519,6 +519,37 @@ def test_journal_writes_give_back_exactly_what_was_journaled(
             assert c.execute(q).scalar_one() == len(first)
     finally:
         store.dispose()
+
+
+def test_a_journal_write_from_the_event_loop_is_one_statement_or_refused(
+    lt: LoopThread, tmp_path: Path, backend: dict[str, Any]
+) -> None:
+    """The engine's path: ``AsyncStore.write_autocommit``. On PostgreSQL an autocommit
+    connection of its own takes a full statement (256 rows) whole and refuses more, which
+    would commit piecemeal; on SQLite the group commit's transaction takes any number."""
+    store = Store(backend.get("store"), tmp_path / "data")
+    store.create_schema()
+    async_store = AsyncStore(store)
+    try:
+        full = [_tricky_message(i) for i in range(256)]
+        seqs = lt.run(async_store.write_autocommit(tx_journal, full))
+        with store.engine.connect() as c:
+            entries = read_entries(c, None, failed=False, limit=1000)
+        assert [e.seq for e in entries] == seqs and len(seqs) == len(full)
+        assert [e.message for e in entries] == full
+
+        more = [_tricky_message(i) for i in range(300, 557)]
+        if store.is_sqlite:
+            assert len(lt.run(async_store.write_autocommit(tx_journal, more))) == len(more)
+            expected = len(full) + len(more)
+        else:
+            with pytest.raises(ValueError, match="at most 256 messages"):
+                lt.run(async_store.write_autocommit(tx_journal, more))
+            expected = len(full)  # nothing of the refused write
+        with store.engine.connect() as c:
+            assert len(read_entries(c, None, failed=False, limit=1000)) == expected
+    finally:
+        async_store.close()
 
 
 def test_a_message_that_cannot_be_applied_stays_for_the_operator(
