@@ -969,21 +969,12 @@ class _Write:
         self.loop.call_soon_threadsafe(done)
 
 
-class _GroupCommit:
-    """Writer threads that commit whatever writes are waiting in one transaction.
+class _WriterThreads:
+    """Threads that take writes from one queue until closed; subclasses say how a thread
+    commits what it takes (``_run``)."""
 
-    Each write still gets its own answer only after the commit that holds it, so "durable before
-    the sender is answered" is kept, but concurrent writers share one commit (one fsync) instead
-    of paying one each. A write that fails fails alone: a batch first runs without savepoints
-    (two statements fewer per write); should one of its writes raise, nothing of it is committed
-    and the batch runs again with a savepoint per write, the failing one rolled back to its own.
-    """
-
-    def __init__(
-        self, engine: Engine, threads: int, name: str = "writer", max_batch: int = 128
-    ) -> None:
+    def __init__(self, engine: Engine, threads: int, name: str) -> None:
         self.engine = engine
-        self.max_batch = max_batch
         self.queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
         self.threads = [
             threading.Thread(target=self._run, name=f"store-{name}-{i}", daemon=True)
@@ -996,10 +987,31 @@ class _GroupCommit:
         self.queue.put(write)
 
     def close(self) -> None:
+        """Let each thread finish the writes queued before this, then end it."""
         for _ in self.threads:
             self.queue.put(None)
         for t in self.threads:
             t.join()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class _GroupCommit(_WriterThreads):
+    """Writer threads that commit whatever writes are waiting in one transaction.
+
+    Each write still gets its own answer only after the commit that holds it, so "durable before
+    the sender is answered" is kept, but concurrent writers share one commit (one fsync) instead
+    of paying one each. A write that fails fails alone: a batch first runs without savepoints
+    (two statements fewer per write); should one of its writes raise, nothing of it is committed
+    and the batch runs again with a savepoint per write, the failing one rolled back to its own.
+    """
+
+    def __init__(
+        self, engine: Engine, threads: int, name: str = "writer", max_batch: int = 128
+    ) -> None:
+        self.max_batch = max_batch  # before the threads start: they read it
+        super().__init__(engine, threads, name)
 
     def _run(self) -> None:
         while True:
@@ -1092,7 +1104,7 @@ class _GroupCommit:
         return False
 
 
-class _Autocommit:
+class _Autocommit(_WriterThreads):
     """Writer threads for writes of one statement, each on a connection of its own kept in
     autocommit, so the statement commits as it runs.
 
@@ -1103,23 +1115,7 @@ class _Autocommit:
     """
 
     def __init__(self, engine: Engine, threads: int) -> None:
-        self.engine = engine
-        self.queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
-        self.threads = [
-            threading.Thread(target=self._run, name=f"store-autocommit-{i}", daemon=True)
-            for i in range(threads)
-        ]
-        for t in self.threads:
-            t.start()
-
-    def submit(self, write: _Write) -> None:
-        self.queue.put(write)
-
-    def close(self) -> None:
-        for _ in self.threads:
-            self.queue.put(None)
-        for t in self.threads:
-            t.join()
+        super().__init__(engine, threads, "autocommit")
 
     def _run(self) -> None:
         conn: Connection | None = None
