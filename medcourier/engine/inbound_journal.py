@@ -560,7 +560,7 @@ class JournalApplier:
 
 
 class JournalingSink:
-    """The sink an ``ack_after: journal`` listener talks to (see the module docstring).
+    """The sink an ``ack_after: journal`` or ``receipt`` listener talks to (module docstring).
 
     Messages that arrive while journal writes are committing wait for the next one, and go in
     it together, as one multi-row insert: the store's group commit would commit them together
