@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import subprocess
 import sys
 import uuid
@@ -52,13 +53,26 @@ def backend(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     delete_broker_objects(rabbitmq_url(), instance, ["ehr-a", "hospa"])
 
 
+@contextlib.contextmanager
+def _engine(
+    lt: LoopThread,
+    tmp_path: Path,
+    hospa: EhrSimulator,
+    listener: dict[str, Any],
+    backend: dict[str, Any],
+) -> Iterator[Running]:
+    """The whole engine with ``listener`` and a route to ``hospa``."""
+    with running_engine(
+        lt, tmp_path, inbound=[listener], extra_routes=[_hospa_route(hospa.port)], **backend
+    ) as running:
+        yield running
+
+
 @pytest.fixture
 def eng(
     lt: LoopThread, tmp_path: Path, hospa: EhrSimulator, backend: dict[str, Any]
 ) -> Iterator[Running]:
-    with running_engine(
-        lt, tmp_path, inbound=[JOURNALED], extra_routes=[_hospa_route(hospa.port)], **backend
-    ) as running:
+    with _engine(lt, tmp_path, hospa, JOURNALED, backend) as running:
         yield running
 
 
@@ -181,9 +195,7 @@ RECEIPT = {**LISTENER, "ack_after": "receipt"}
 def eng_receipt(
     lt: LoopThread, tmp_path: Path, hospa: EhrSimulator, backend: dict[str, Any]
 ) -> Iterator[Running]:
-    with running_engine(
-        lt, tmp_path, inbound=[RECEIPT], extra_routes=[_hospa_route(hospa.port)], **backend
-    ) as running:
+    with _engine(lt, tmp_path, hospa, RECEIPT, backend) as running:
         yield running
 
 
@@ -314,14 +326,12 @@ def test_journal_writes_survive_postgresql_dropping_their_connections(
     listener = {**LISTENER, "ack_after": ack_after}
     with (
         own_postgres_database() as store,
-        running_engine(
+        _engine(
             lt,
             tmp_path,
-            inbound=[listener],
-            extra_routes=[_hospa_route(hospa.port)],
-            instance=instance,
-            broker=rabbitmq_url(),
-            store=store,
+            hospa,
+            listener,
+            {"instance": instance, "broker": rabbitmq_url(), "store": store},
         ) as eng,
     ):
         try:
@@ -374,9 +384,7 @@ def test_a_journal_write_waits_for_the_senders_it_answered(
     the last write answered, so that they share one commit, and never for a sender that is
     alone; senders that do not come back are waited for once, then no longer expected."""
     monkeypatch.setattr(inbound_journal_module, "GATHER_SECONDS", 30.0)
-    with running_engine(
-        lt, tmp_path, inbound=[RECEIPT], extra_routes=[_hospa_route(hospa.port)]
-    ) as eng:
+    with _engine(lt, tmp_path, hospa, RECEIPT, {}) as eng:
         sink = eng.engine.inbound[0].sink  # type: ignore[attr-defined]
         assert isinstance(sink, JournalingSink)
         batches: list[int] = []
