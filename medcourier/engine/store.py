@@ -12,11 +12,12 @@ allows); PostgreSQL several.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import queue
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -971,11 +972,21 @@ class _Write:
 
 class _WriterThreads:
     """Threads that take writes from one queue until closed; subclasses say how a thread
-    commits what it takes (``_run``)."""
+    commits what it takes (``_work``).
+
+    Each thread keeps one connection for its life rather than taking one from the pool per
+    commit: checking a connection out and in (SQLAlchemy's pool, its events, the reset on
+    return) cost more than the journal's insert itself, on the thread every ACK waits for. A
+    connection the driver lost is dropped, and so are the other threads' (a lost connection
+    usually means the server restarted or cut every session): each connects again at its next
+    write, as a pool checkout would have.
+    """
 
     def __init__(self, engine: Engine, threads: int, name: str) -> None:
         self.engine = engine
         self.queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        self._local = threading.local()
+        self._generation = 0  # bumped when a thread found its connection lost
         self.threads = [
             threading.Thread(target=self._run, name=f"store-{name}-{i}", daemon=True)
             for i in range(threads)
@@ -994,7 +1005,61 @@ class _WriterThreads:
             t.join()
 
     def _run(self) -> None:
+        try:
+            self._work()
+        finally:
+            self._drop()
+
+    def _work(self) -> None:
         raise NotImplementedError
+
+    def _connect(self) -> Connection:
+        return self.engine.connect()
+
+    def _connection(self) -> Connection:
+        """This thread's connection: connected on first use, and again after one was lost."""
+        local = self._local
+        if getattr(local, "conn", None) is not None and local.generation != self._generation:
+            self._drop()  # another thread lost its connection: this one likely went too
+        if getattr(local, "conn", None) is None:
+            local.conn, local.generation = self._connect(), self._generation
+        conn: Connection = local.conn
+        return conn
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        """A transaction on this thread's connection: committed at the end, rolled back on an
+        exception (after which a lost connection is dropped)."""
+        conn = self._connection()
+        try:
+            with conn.begin():
+                yield conn
+        except BaseException as exc:
+            self._failed(exc)
+            raise
+
+    def _failed(self, exc: BaseException) -> None:
+        """After a write failed: drop this thread's connection if the driver lost it (and have
+        the other threads connect again), else make sure no transaction is left open on it."""
+        conn: Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            return
+        if conn.invalidated or (isinstance(exc, Exception) and _lost(exc)):
+            self._generation += 1
+            self._drop()
+            return
+        if conn.in_transaction():
+            try:
+                conn.rollback()
+            except Exception:
+                self._drop()
+
+    def _drop(self) -> None:
+        conn: Connection | None = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # it may be broken already; let it go
+                conn.close()
 
 
 class _GroupCommit(_WriterThreads):
@@ -1013,7 +1078,7 @@ class _GroupCommit(_WriterThreads):
         self.max_batch = max_batch  # before the threads start: they read it
         super().__init__(engine, threads, name)
 
-    def _run(self) -> None:
+    def _work(self) -> None:
         while True:
             first = self.queue.get()
             if first is None:
@@ -1052,7 +1117,7 @@ class _GroupCommit(_WriterThreads):
             return
         outcomes: list[tuple[_Write, Any, BaseException | None]] = []
         try:
-            with self.engine.begin() as c:
+            with self._transaction() as c:
                 if len(batch) == 1:
                     w = batch[0]
                     outcomes.append((w, w.fn(c, *w.args, **w.kwargs), None))
@@ -1080,7 +1145,7 @@ class _GroupCommit(_WriterThreads):
         again write by write. A failed begin or commit fails every write, as in ``_commit``."""
         results: list[Any] = []
         try:
-            with self.engine.begin() as c:
+            with self._transaction() as c:
                 for run in _runs(batch):
                     try:
                         if len(run) == 1:
@@ -1117,25 +1182,19 @@ class _Autocommit(_WriterThreads):
     def __init__(self, engine: Engine, threads: int) -> None:
         super().__init__(engine, threads, "autocommit")
 
-    def _run(self) -> None:
-        conn: Connection | None = None
-        try:
-            while (w := self.queue.get()) is not None:
-                try:
-                    if conn is None:
-                        conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-                    result = w.fn(conn, *w.args, **w.kwargs)
-                except Exception as exc:
-                    if conn is not None and (conn.invalidated or _lost(exc)):
-                        conn.close()
-                        conn = None
-                    w.settle(error=exc)
-                else:
-                    w.settle(result)
-                del w  # its arguments, while this thread waits for the next write
-        finally:
-            if conn is not None:
-                conn.close()
+    def _connect(self) -> Connection:
+        return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+    def _work(self) -> None:
+        while (w := self.queue.get()) is not None:
+            try:
+                result = w.fn(self._connection(), *w.args, **w.kwargs)
+            except Exception as exc:
+                self._failed(exc)
+                w.settle(error=exc)
+            else:
+                w.settle(result)
+            del w  # its arguments, while this thread waits for the next write
 
 
 def _lost(exc: Exception) -> bool:
