@@ -35,7 +35,7 @@ from tests.harness import (
     running_engine,
     stored_document,
 )
-from tests.services import fresh_postgres_url, rabbitmq_url
+from tests.services import fresh_postgres_url, own_postgres_database, rabbitmq_url
 from tests.test_broker import Kind, closing, new_instance, run
 from tests.test_ordering import _send_many
 
@@ -408,6 +408,61 @@ def test_each_write_of_a_batch_runs_once_even_when_a_neighbour_fails(store: Stor
     assert isinstance(results[1], ValueError)
     assert [results[i] for i in (0, 2, 3)] == ["once-0", "once-2", "once-3"]
     assert history(store, "once-1") == []
+
+
+def test_writer_threads_keep_their_connections_and_connect_again_after_postgresql_drops_them(
+    tmp_path: Path,
+) -> None:
+    """Each writer thread keeps one connection across commits. When PostgreSQL drops them all
+    (a restart, a failover), the write that meets a dead one fails, as a pool checkout of a
+    dead connection would; the other threads connect again before their next write instead of
+    failing one write each."""
+    with own_postgres_database() as url:
+        store = Store(url, tmp_path / "data")
+        store.create_schema()
+        async_store = AsyncStore(store)
+
+        def backend(c: Connection, txid: str) -> tuple[str, int]:
+            _insert_event(c, txid)
+            pid = c.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+            return threading.current_thread().name, pid
+
+        async def in_turn(prefix: str, count: int) -> list[Any]:
+            results: list[Any] = []
+            for i in range(count):
+                try:
+                    results.append(await async_store.write(backend, f"{prefix}-{i}"))
+                except sa.exc.OperationalError as exc:
+                    results.append(exc)
+            return results
+
+        try:
+            before = asyncio.run(in_turn("kept", 4 * async_store.writers))
+            threads: dict[str, set[int]] = {}
+            for name, pid in before:
+                threads.setdefault(name, set()).add(pid)
+            assert len(threads) == async_store.writers  # every thread wrote...
+            assert all(len(pids) == 1 for pids in threads.values())  # ...on one connection
+            kept = set().union(*threads.values())
+
+            admin = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+            with admin.connect() as c:
+                c.execute(
+                    sa.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                )
+            admin.dispose()
+
+            after = asyncio.run(in_turn("after", 2 * async_store.writers))
+            failed = [i for i, r in enumerate(after) if isinstance(r, Exception)]
+            assert failed == [0], after  # the first write met a dead connection; no other did
+            assert not kept & {pid for _name, pid in after[1:]}  # the rest on new connections
+            assert history(store, "after-0") == []
+            assert all(history(store, f"after-{i}") == [("completed", None)] for i in range(1, 8))
+        finally:
+            async_store.close()  # disposes of the store's engine too
 
 
 # --------------------------------------------------------------------------- brokers
