@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 
 import pluggy
@@ -207,6 +208,30 @@ def test_build_ack_swaps_parties_and_echoes_control_id() -> None:
     assert fields[10:12] == ["P", "2.5"]
     assert msa == "MSA|AA|CTRL-42|ok"
     assert ack.endswith(b"\r") and b"\n" not in ack
+
+
+def test_ack_ids_are_unique_short_and_a_forked_process_draws_its_own() -> None:
+    """MSH-10 of our ACKs: a per-process prefix and a counter, 20 characters at most (v2.5);
+    MSH-7 the current second with its offset."""
+    before = datetime.now().astimezone().replace(microsecond=0)
+    ids = []
+    for i in range(5000):
+        fields = build_ack(hl7(f"C{i}"), "AA").decode().split("\r")[0].split("|")
+        ids.append(fields[9])
+    after = datetime.now().astimezone()
+    assert len(set(ids)) == len(ids) and all(len(i) == 20 for i in ids)
+    assert before <= datetime.strptime(fields[6], "%Y%m%d%H%M%S%z") <= after
+
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child answers with the id of an ACK it builds, then leaves at once
+        os.write(write, build_ack(hl7("FORKED"), "AA").split(b"|")[9])
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    forked = os.read(read, 64).decode()
+    os.close(read)
+    assert len(forked) == 20 and forked[:12] != ids[-1][:12]
 
 
 def test_build_and_parse_ack_round_trip() -> None:
