@@ -843,7 +843,11 @@ def _sqlite_begin(conn: Connection) -> None:
     # whenever another connection committed in between. The reader pool only reads: its
     # transactions begin deferred, so WAL lets them run beside the writer instead of queueing
     # for its lock (they did, and reads were a fifth of a busy engine's time).
-    conn.exec_driver_sql("BEGIN" if getattr(_reader, "only_reads", False) else "BEGIN IMMEDIATE")
+    # Straight to the driver: through ``exec_driver_sql`` (execution context, cursor, result,
+    # events) the BEGIN cost more of the writer thread than the inbound journal's insert.
+    driver = conn.connection.driver_connection
+    assert driver is not None  # an open connection
+    driver.execute("BEGIN" if getattr(_reader, "only_reads", False) else "BEGIN IMMEDIATE")
 
 
 @dataclass(frozen=True)
