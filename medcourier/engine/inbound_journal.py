@@ -86,11 +86,11 @@ QUIET_SECONDS = 0.005
 sender sends its next message a moment after its ACK, so an idle instant is not a lull."""
 
 GATHER_SECONDS = 0.001
-"""Longest a journal write that takes the last free writer waits for the senders the last
-writes answered: each sends its next message a moment after its ACK, and one write for all of
-them costs one commit where starting on the first arrival costs two (the others wait behind
-it). Like PostgreSQL's ``commit_delay`` with ``commit_siblings``, it only waits while such
-senders are expected, so a lone sender is never held up."""
+"""Longest a journal write waits for the senders the last write answered: each sends its next
+message a moment after its ACK, and one write for all of them costs one commit where starting
+on the first arrival costs two (the others wait behind it). Like PostgreSQL's ``commit_delay``
+with ``commit_siblings``, it only waits while such senders are expected, so a lone sender is
+never held up."""
 
 POLL_SECONDS = 2.0
 """How often an idle applier looks for rows another process journaled (or a restart left)."""
@@ -562,13 +562,18 @@ class JournalApplier:
 class JournalingSink:
     """The sink an ``ack_after: journal`` or ``receipt`` listener talks to (module docstring).
 
-    Messages that arrive while journal writes are committing wait for the next one, and go in
+    Messages that arrive while a journal write is committing wait for the next one, and go in
     it together, as one multi-row insert: the store's group commit would commit them together
     too, but at a savepoint and a statement each, which at thousands of messages a second is
-    most of the writer's time. SQLite takes one write at a time, through the group commit;
-    PostgreSQL several, as many as the store has writer threads, each on an autocommit
-    connection of its own, so that a slow commit does not hold up every sender. A write that
-    takes the last writer first waits briefly for the senders answered last (GATHER_SECONDS).
+    most of the writer's time. A write first waits briefly for the senders answered last
+    (GATHER_SECONDS).
+
+    One write at a time per listener, on either store: through the group commit on SQLite, on
+    an autocommit connection of its own on PostgreSQL (the listeners' writes run side by side
+    there). A commit costs about the same for one row as for eight, so more writes in flight
+    only meant smaller ones: with 8 connections on PostgreSQL, four in flight carried 3
+    messages each on average (2,860 ACK/s), two 3,170–3,760, one 4,860 (alternated runs of
+    ``bench/mllp_listener.py``, docs/performance.md).
 
     Order: a sender waits for each ACK before its next message, so its messages are committed,
     and numbered, in the order it sent them, whichever write carries them.
@@ -581,8 +586,6 @@ class JournalingSink:
         self.store = sink.store
         self._waiting: list[tuple[InboundMessage, asyncio.Future[int]]] = []
         self._writes: set[asyncio.Task[None]] = set()
-        self._starting = False  # a write is started and has not taken its batch yet
-        self._most = 1 if sink.store.sync.is_sqlite else sink.store.writers
         # Senders answered by a write that have not sent again yet (see GATHER_SECONDS), and
         # the event a write gathering for them waits on.
         self._expected = 0
@@ -630,8 +633,7 @@ class JournalingSink:
         return InboundResult(Verdict.ACCEPT)
 
     def _start_write(self) -> None:
-        if self._waiting and not self._starting and len(self._writes) < self._most:
-            self._starting = True
+        if self._waiting and not self._writes:
             self.applier.receipt_busy = True
             task = asyncio.create_task(self._write())
             self._writes.add(task)
@@ -646,19 +648,13 @@ class JournalingSink:
         if not self._writes and not self._waiting:
             self.applier.receipt_busy = False
             self.applier.receipt_ended = asyncio.get_running_loop().time()
-        self._end_gathering()  # a writer is free again: a gathering write need not wait
-        self._start_write()
+        self._start_write()  # what waited meanwhile
 
     async def _write(self) -> None:
         """Write what waits, in one commit."""
-        batch: list[tuple[InboundMessage, asyncio.Future[int]]] = []
-        try:
-            await self._gather()
-            # One statement's worth: on an autocommit connection, more would commit piecemeal.
-            batch, self._waiting = self._waiting[:_JOURNAL_ROWS], self._waiting[_JOURNAL_ROWS:]
-        finally:
-            self._starting = False
-        self._start_write()  # what is left over, should a writer be free
+        await self._gather()
+        # One statement's worth: on an autocommit connection, more would commit piecemeal.
+        batch, self._waiting = self._waiting[:_JOURNAL_ROWS], self._waiting[_JOURNAL_ROWS:]
         try:
             seqs = await self.store.write_autocommit(tx_journal, [m for m, _ in batch])
             if len(seqs) != len(batch):
@@ -681,7 +677,7 @@ class JournalingSink:
         # One turn of the loop first: messages read in the same pass over the sockets (senders
         # on several connections answered by the last commit send together) join this write.
         await asyncio.sleep(0)
-        if not self._expected or len(self._writes) < self._most:  # a writer is left for them
+        if not self._expected:
             return
         if len(self._waiting) >= _JOURNAL_ROWS:
             return
