@@ -330,19 +330,21 @@ def test_time_in_the_sink_and_a_steady_sender_do_not_count_as_idle() -> None:
 
     async def scenario() -> None:
         sink = FakeSink()
-        async with listening(sink, idle_timeout=0.3) as listener:
-            async with connected(listener.port) as steady:
-                sink.delay = 0.7  # more than twice the idle timeout, in the sink
-                assert acked(await steady.send(message("SLOW-1"))) == ("AA", "SLOW-1")
-                sink.delay = 0.0
-                started = time.monotonic()
-                for i in range(8):  # 1.2 s in all, a message every 0.15 s
-                    await asyncio.sleep(0.15)
-                    assert acked(await steady.send(message(f"STEADY-{i}")))[0] == "AA"
-                assert time.monotonic() - started > 1.0
-                quiet = time.monotonic()
-                assert await steady.closed_by_peer(timeout=3)
-                assert 0.2 < time.monotonic() - quiet < 1.0
+        async with (
+            listening(sink, idle_timeout=0.3) as listener,
+            connected(listener.port) as steady,
+        ):
+            sink.delay = 0.7  # more than twice the idle timeout, in the sink
+            assert acked(await steady.send(message("SLOW-1"))) == ("AA", "SLOW-1")
+            sink.delay = 0.0
+            started = time.monotonic()
+            for i in range(8):  # 1.2 s in all, a message every 0.15 s
+                await asyncio.sleep(0.15)
+                assert acked(await steady.send(message(f"STEADY-{i}")))[0] == "AA"
+            assert time.monotonic() - started > 1.0
+            quiet = time.monotonic()
+            assert await steady.closed_by_peer(timeout=3)
+            assert 0.2 < time.monotonic() - quiet < 1.0
 
     asyncio.run(scenario())
 
