@@ -23,6 +23,7 @@ from sqlalchemy.exc import NoResultFound
 
 from medcourier.channels.mllp.ack import message_control_id
 from medcourier.channels.mllp.simulator import EhrSimulator
+from medcourier.engine import store as store_module
 from medcourier.engine.broker import WorkItem
 from medcourier.engine.model import Status
 from medcourier.engine.schema import deliveries, documents, payloads, status_events
@@ -463,6 +464,30 @@ def test_writer_threads_keep_their_connections_and_connect_again_after_postgresq
             assert all(history(store, f"after-{i}") == [("completed", None)] for i in range(1, 8))
         finally:
             async_store.close()  # disposes of the store's engine too
+
+
+def test_a_sqlite_write_lock_not_had_in_time_is_sqlalchemys_operational_error(
+    tmp_path: Path,
+) -> None:
+    """The store's BEGIN IMMEDIATE goes straight to the driver; when another connection holds
+    the write lock past the busy timeout, callers still get SQLAlchemy's OperationalError (the
+    journal answers it as "engine unavailable", the applier retries), not sqlite3's own."""
+    store = Store(None, tmp_path / "data")
+    store.create_schema()
+    quick = sa.create_engine(store.url, connect_args={"timeout": 0.2})
+    sa.event.listen(quick, "connect", store_module._sqlite_pragmas)
+    sa.event.listen(quick, "begin", store_module._sqlite_begin)
+    try:
+        with store.engine.connect() as holder:
+            holder.begin()  # BEGIN IMMEDIATE: the write lock, until rolled back
+            with quick.connect() as c, pytest.raises(sa.exc.OperationalError, match="locked"):
+                c.begin()
+            holder.rollback()
+        with quick.begin() as c:  # and the lock is taken once free
+            assert c.exec_driver_sql("SELECT 1").scalar_one() == 1
+    finally:
+        quick.dispose()
+        store.dispose()
 
 
 # --------------------------------------------------------------------------- brokers

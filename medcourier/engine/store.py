@@ -16,6 +16,7 @@ import contextlib
 import functools
 import json
 import queue
+import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -845,9 +846,17 @@ def _sqlite_begin(conn: Connection) -> None:
     # for its lock (they did, and reads were a fifth of a busy engine's time).
     # Straight to the driver: through ``exec_driver_sql`` (execution context, cursor, result,
     # events) the BEGIN cost more of the writer thread than the inbound journal's insert.
+    # The event runs outside SQLAlchemy's wrapping of driver errors: wrap them here, so that a
+    # write lock not had within the busy timeout is the OperationalError callers expect.
+    statement = "BEGIN" if getattr(_reader, "only_reads", False) else "BEGIN IMMEDIATE"
     driver = conn.connection.driver_connection
     assert driver is not None  # an open connection
-    driver.execute("BEGIN" if getattr(_reader, "only_reads", False) else "BEGIN IMMEDIATE")
+    try:
+        driver.execute(statement)
+    except sqlite3.Error as exc:
+        raise sa.exc.DBAPIError.instance(
+            statement, None, exc, sqlite3.Error, hide_parameters=True, dialect=conn.dialect
+        ) from exc
 
 
 @dataclass(frozen=True)
