@@ -44,7 +44,10 @@ def test_document_with_sidecar_is_delivered_and_moved(lt: LoopThread, tmp_path: 
         eventually(lambda: len(eng.ehr.received) == 1, 20, "delivery to the EHR")
         message = eng.ehr.received[0].decode()
         assert "11506-3^Note de suivi^LN" in message
-        assert (inbox / "processed" / "cr.pdf").read_bytes() == payload
+        # The file is moved once the engine accepted it, which the delivery may overtake.
+        processed = inbox / "processed" / "cr.pdf"
+        eventually(processed.exists, 20, "file processed")
+        assert processed.read_bytes() == payload
         assert not (inbox / "cr.pdf").exists()
         pids = [seg for seg in message.split("\r") if seg.startswith("PID|")]
         assert "IPP-55" in pids[0]
