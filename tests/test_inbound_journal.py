@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import yaml
+from sqlalchemy.engine import Connection
 
 from medcourier.channels.mllp.simulator import EhrSimulator
 from medcourier.engine import inbound_journal as inbound_journal_module
@@ -495,9 +496,16 @@ def _tricky_message(i: int) -> InboundMessage:
 def test_journal_writes_give_back_exactly_what_was_journaled(
     tmp_path: Path, backend: dict[str, Any]
 ) -> None:
-    """Rows travel to the database as one JSON array it unpacks: every character, an empty
-    field, a missing peer and a 100 KB text come back as sent, numbered in the order sent,
-    and a later write is numbered after."""
+    """Rows travel as one multi-row statement in the driver's own parameter style (PostgreSQL:
+    ``$n`` through a raw psycopg cursor): every character, an empty field, a missing peer and a
+    100 KB text come back as sent, numbered in the order sent, and a later write is numbered
+    after. The connection's cursors are left as they were for the statements that follow."""
+
+    def journal_then_count(c: Connection, messages: list[InboundMessage]) -> tuple[list[int], int]:
+        seqs = tx_journal(c, messages)
+        q = sa.select(sa.func.count()).where(inbound_journal.c.channel == "hl7-in")
+        return seqs, c.execute(q).scalar_one()
+
     first = [_tricky_message(i) for i in range(300)]
     second = [_tricky_message(i) for i in range(300, 310)]
     assert len(first[7].text.encode()) > 100_000
@@ -507,7 +515,8 @@ def test_journal_writes_give_back_exactly_what_was_journaled(
         before = now()
         seqs = store.transaction(tx_journal, first)
         after = now()
-        more = store.transaction(tx_journal, second)
+        more, counted = store.transaction(journal_then_count, second)
+        assert counted == sum(m.channel == "hl7-in" for m in first + second)
         assert len(seqs) == len(first) and len(more) == len(second)
         assert seqs == sorted(set(seqs)) and more == sorted(set(more))  # strictly increasing
         assert min(more) > max(seqs)

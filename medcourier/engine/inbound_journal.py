@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import functools
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -131,14 +132,41 @@ _JOURNAL_ROWS = 256
 
 @functools.cache
 def _journal_insert(paramstyle: str, rows: int) -> str:
-    """The statement that inserts ``rows`` journal rows, in the driver's own parameter style."""
-    marks = {"qmark": "?", "format": "%s", "pyformat": "%s"}
+    """The statement that inserts ``rows`` journal rows, in the driver's own parameter style
+    (``dollar``: PostgreSQL's own ``$1``, for psycopg's raw cursors)."""
+    marks = {"qmark": "?", "format": "%s", "pyformat": "%s", "dollar": "${}"}
     if paramstyle not in marks:
         raise ValueError(f"journal insert: driver parameter style {paramstyle!r} not supported")
-    mark = marks[paramstyle]
-    one = f"({mark}, {mark}, false, {mark}, {mark}, {mark}, {mark}, {mark}, {mark})"
-    values = ", ".join([one] * rows)
+    numbers = iter(range(1, 8 * rows + 1))
+
+    def mark() -> str:
+        return marks[paramstyle].format(next(numbers))
+
+    values = ", ".join(
+        f"({mark()}, {mark()}, false, {', '.join(mark() for _ in range(6))})" for _ in range(rows)
+    )
     return f"INSERT INTO inbound_journal ({_JOURNAL_COLUMNS}) VALUES {values} RETURNING seq"
+
+
+@contextlib.contextmanager
+def _raw_cursors(c: Connection) -> Iterator[str]:
+    """The parameter style the journal insert is written in on ``c``, with psycopg's cursors
+    made raw for its length: its ordinary cursor rewrites ``%s`` into ``$n`` on every execution
+    of a statement with more than 50 parameters (it caches none of those), 0.2 ms of the 0.8 ms
+    an 8-row insert takes. SQLAlchemy still runs the statement, so its errors and its handling
+    of a lost connection are as for any other."""
+    driver = c.connection.driver_connection
+    if c.dialect.driver != "psycopg" or driver is None:
+        yield c.dialect.paramstyle
+        return
+    import psycopg  # the driver of this connection, hence installed
+
+    plain = driver.cursor_factory
+    driver.cursor_factory = psycopg.RawCursor
+    try:
+        yield "dollar"
+    finally:
+        driver.cursor_factory = plain
 
 
 @rerunnable
@@ -176,8 +204,9 @@ def tx_journal(c: Connection, messages: list[InboundMessage]) -> list[int]:
                 m.peer,
                 m.text,
             )
-        q = _journal_insert(c.dialect.paramstyle, len(chunk))
-        seqs += sorted(int(seq) for seq in c.exec_driver_sql(q, tuple(params)).scalars())
+        with _raw_cursors(c) as paramstyle:
+            result = c.exec_driver_sql(_journal_insert(paramstyle, len(chunk)), tuple(params))
+            seqs += sorted(int(seq) for seq in result.scalars())
     return seqs
 
 
