@@ -30,7 +30,12 @@ from structlog.testing import capture_logs
 from medcourier.channels.mllp import plugin
 from medcourier.channels.mllp.ack import AckInfo, build_ack, parse_ack
 from medcourier.channels.mllp.framing import FramingError, frame, read_frame, stream_limit
-from medcourier.channels.mllp.listener import ListenerOptions, MllpListener
+from medcourier.channels.mllp.listener import (
+    _CLOSE_TIMEOUT,
+    ListenerOptions,
+    MllpListener,
+    _IdleWatch,
+)
 from medcourier.engine import hookspecs
 from medcourier.engine.inbound import (
     InboundDocument,
@@ -345,6 +350,45 @@ def test_time_in_the_sink_and_a_steady_sender_do_not_count_as_idle() -> None:
             quiet = time.monotonic()
             assert await steady.closed_by_peer(timeout=3)
             assert 0.2 < time.monotonic() - quiet < 1.0
+
+    asyncio.run(scenario())
+
+
+def test_an_idle_connection_is_cut_even_when_its_peer_reads_nothing() -> None:
+    """Expired, the idle watch closes the transport so that the read waiting on it ends. A close
+    waits for the bytes still queued (ACKs a peer never read): then the connection is aborted
+    after the close timeout, rather than leaving the connection's handler waiting forever."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[tuple[bytes, bool, float]] = loop.create_future()
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"\x0bMSA|AA|X\r\x1c\r" * 1_000_000)  # 15 MB: more than sockets hold
+            assert writer.transport.get_write_buffer_size() > 0
+            watch = _IdleWatch(loop, 0.2, writer)
+            started = loop.time()
+            try:
+                data = await reader.read(1024)
+            finally:
+                watch.cancel()
+            ended.set_result((data, watch.expired, loop.time() - started))
+
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        peer = socket.socket()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, kept small
+        peer.setblocking(False)
+        await loop.sock_connect(peer, ("127.0.0.1", port))
+        _reader, writer = await asyncio.open_connection(sock=peer)  # never reads
+        try:
+            data, expired, waited = await asyncio.wait_for(ended, _CLOSE_TIMEOUT + 5)
+        finally:
+            writer.transport.abort()
+            server.close()
+            await server.wait_closed()
+        assert data == b"" and expired
+        assert 0.2 <= waited < 0.2 + _CLOSE_TIMEOUT + 2
 
     asyncio.run(scenario())
 

@@ -239,7 +239,9 @@ class _IdleWatch:
     Time spent in the sink does not count, and bytes that never complete a frame do not keep
     the connection open. One timer per idle period rather than a timeout around every read:
     those timers (made, cancelled, swept from the loop's heap) were several percent of a busy
-    listener's time. When it expires, the transport is closed, so the read waiting on it ends.
+    listener's time. When it expires, the transport is closed, so the read waiting on it ends;
+    should the close wait on ACKs the peer never read (or on a TLS peer's close_notify), the
+    connection is aborted after ``_CLOSE_TIMEOUT``.
     """
 
     def __init__(
@@ -268,6 +270,7 @@ class _IdleWatch:
             return
         self.expired = True
         self._writer.close()
+        self._timer = self._loop.call_later(_CLOSE_TIMEOUT, self._writer.transport.abort)
 
 
 class MllpListener:
@@ -396,8 +399,8 @@ class MllpListener:
         peer: str,
     ) -> None:
         idle = self.options.idle_timeout
-        watch = _IdleWatch(asyncio.get_running_loop(), idle, writer)
         head = _FrameHead()
+        watch = _IdleWatch(asyncio.get_running_loop(), idle, writer)
         try:
             while not self._stopping:
                 chunk = await reader.read(_READ_SIZE)
