@@ -417,7 +417,7 @@ def test_writer_threads_keep_their_connections_and_connect_again_after_postgresq
     """Each writer thread keeps one connection across commits. When PostgreSQL drops them all
     (a restart, a failover), the write that meets a dead one fails, as a pool checkout of a
     dead connection would; the other threads connect again before their next write instead of
-    failing one write each."""
+    failing one write each, in the group commit and in the autocommit lane alike."""
     with own_postgres_database() as url:
         store = Store(url, tmp_path / "data")
         store.create_schema()
@@ -437,8 +437,19 @@ def test_writer_threads_keep_their_connections_and_connect_again_after_postgresq
                     results.append(exc)
             return results
 
+        async def autocommit(txid: str) -> Any:
+            try:
+                return await async_store.write_autocommit(backend, txid)
+            except sa.exc.OperationalError as exc:
+                return exc
+
         try:
             before = asyncio.run(in_turn("kept", 4 * async_store.writers))
+            auto = [
+                asyncio.run(autocommit(f"auto-kept-{i}")) for i in range(4 * async_store.writers)
+            ]
+            assert len({name for name, _pid in auto}) == async_store.writers  # each connected
+            kept_auto = {pid for _name, pid in auto}
             threads: dict[str, set[int]] = {}
             for name, pid in before:
                 threads.setdefault(name, set()).add(pid)
@@ -456,12 +467,19 @@ def test_writer_threads_keep_their_connections_and_connect_again_after_postgresq
                 )
             admin.dispose()
 
-            after = asyncio.run(in_turn("after", 2 * async_store.writers))
+            count = 2 * async_store.writers
+            after = asyncio.run(in_turn("after", count))
             failed = [i for i, r in enumerate(after) if isinstance(r, Exception)]
             assert failed == [0], after  # the first write met a dead connection; no other did
             assert not kept & {pid for _name, pid in after[1:]}  # the rest on new connections
             assert history(store, "after-0") == []
-            assert all(history(store, f"after-{i}") == [("completed", None)] for i in range(1, 8))
+            assert all(
+                history(store, f"after-{i}") == [("completed", None)] for i in range(1, count)
+            )
+            # The autocommit lane's threads had dead connections too: told, they connected again.
+            auto = [asyncio.run(autocommit(f"auto-after-{i}")) for i in range(async_store.writers)]
+            assert not [r for r in auto if isinstance(r, Exception)], auto
+            assert not kept_auto & {pid for _name, pid in auto}
         finally:
             async_store.close()  # disposes of the store's engine too
 

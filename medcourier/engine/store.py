@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import sqlalchemy as sa
 import structlog
@@ -854,8 +854,15 @@ def _sqlite_begin(conn: Connection) -> None:
     try:
         driver.execute(statement)
     except sqlite3.Error as exc:
+        gone = conn.dialect.is_disconnect(cast(Any, exc), conn.connection.dbapi_connection, None)
         raise sa.exc.DBAPIError.instance(
-            statement, None, exc, sqlite3.Error, hide_parameters=True, dialect=conn.dialect
+            statement,
+            None,
+            exc,
+            sqlite3.Error,
+            hide_parameters=True,
+            connection_invalidated=gone,  # the writer thread then drops it
+            dialect=conn.dialect,
         ) from exc
 
 
@@ -983,6 +990,15 @@ class _Write:
         self.loop.call_soon_threadsafe(done)
 
 
+class _Losses:
+    """How many times a writer thread found its connection lost, shared by all the writer lanes
+    of one store: their threads keep their connections out of the pool, so SQLAlchemy's own
+    reset of the pool after a disconnect does not reach them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class _WriterThreads:
     """Threads that take writes from one queue until closed; subclasses say how a thread
     commits what it takes (``_work``).
@@ -990,16 +1006,18 @@ class _WriterThreads:
     Each thread keeps one connection for its life rather than taking one from the pool per
     commit: checking a connection out and in (SQLAlchemy's pool, its events, the reset on
     return) cost more than the journal's insert itself, on the thread every ACK waits for. A
-    connection the driver lost is dropped, and so are the other threads' (a lost connection
-    usually means the server restarted or cut every session): each connects again at its next
-    write, as a pool checkout would have.
+    connection the driver lost is dropped, and so are the other threads' ones, in every lane of
+    the store (a lost connection usually means the server restarted or cut every session):
+    each connects again at its next write, as a pool checkout would have.
     """
 
-    def __init__(self, engine: Engine, threads: int, name: str) -> None:
+    def __init__(
+        self, engine: Engine, threads: int, name: str, losses: _Losses | None = None
+    ) -> None:
         self.engine = engine
         self.queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
         self._local = threading.local()
-        self._generation = 0  # bumped when a thread found its connection lost
+        self._losses = losses or _Losses()
         self.threads = [
             threading.Thread(target=self._run, name=f"store-{name}-{i}", daemon=True)
             for i in range(threads)
@@ -1032,10 +1050,10 @@ class _WriterThreads:
     def _connection(self) -> Connection:
         """This thread's connection: connected on first use, and again after one was lost."""
         local = self._local
-        if getattr(local, "conn", None) is not None and local.generation != self._generation:
+        if getattr(local, "conn", None) is not None and local.losses != self._losses.count:
             self._drop()  # another thread lost its connection: this one likely went too
         if getattr(local, "conn", None) is None:
-            local.conn, local.generation = self._connect(), self._generation
+            local.conn, local.losses = self._connect(), self._losses.count
         conn: Connection = local.conn
         return conn
 
@@ -1058,7 +1076,7 @@ class _WriterThreads:
         if conn is None:
             return
         if conn.invalidated or (isinstance(exc, Exception) and _lost(exc)):
-            self._generation += 1
+            self._losses.count += 1
             self._drop()
             return
         if conn.in_transaction():
@@ -1086,10 +1104,15 @@ class _GroupCommit(_WriterThreads):
     """
 
     def __init__(
-        self, engine: Engine, threads: int, name: str = "writer", max_batch: int = 128
+        self,
+        engine: Engine,
+        threads: int,
+        name: str = "writer",
+        max_batch: int = 128,
+        losses: _Losses | None = None,
     ) -> None:
         self.max_batch = max_batch  # before the threads start: they read it
-        super().__init__(engine, threads, name)
+        super().__init__(engine, threads, name, losses)
 
     def _work(self) -> None:
         while True:
@@ -1192,8 +1215,8 @@ class _Autocommit(_WriterThreads):
     driver lost is dropped, and the next write connects again.
     """
 
-    def __init__(self, engine: Engine, threads: int) -> None:
-        super().__init__(engine, threads, "autocommit")
+    def __init__(self, engine: Engine, threads: int, losses: _Losses | None = None) -> None:
+        super().__init__(engine, threads, "autocommit", losses)
 
     def _connect(self) -> Connection:
         return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
@@ -1252,13 +1275,16 @@ class AsyncStore:
             max_workers=readers, thread_name_prefix="store-read", initializer=_mark_reader
         )
         self.writers = writers  # how many writes may commit at once
-        self._writes = _GroupCommit(store.engine, writers)
+        losses = _Losses()  # one lane finding the server gone has the others connect again
+        self._writes = _GroupCommit(store.engine, writers, losses=losses)
         # Writes that run together (directory updates) take turns on one lock anyway: on
         # PostgreSQL they get a writer thread of their own, where concurrent ones queue into one
         # run and one commit instead of spreading over the writers, each waiting for the lock.
-        self._runs = self._writes if writers == 1 else _GroupCommit(store.engine, 1, "runs")
+        self._runs = (
+            self._writes if writers == 1 else _GroupCommit(store.engine, 1, "runs", losses=losses)
+        )
         # SQLite has one writer, and no round trips to save: its autocommit writes go there.
-        self._autocommit = None if store.is_sqlite else _Autocommit(store.engine, writers)
+        self._autocommit = None if store.is_sqlite else _Autocommit(store.engine, writers, losses)
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a read (or the start-up schema creation) on the reader pool; writes use ``write``."""
