@@ -155,8 +155,7 @@ def _raw_cursors(c: Connection) -> Iterator[str]:
     of a statement with more than 50 parameters (it caches none of those), 0.2 ms of the 0.8 ms
     an 8-row insert takes. SQLAlchemy still runs the statement, so its errors and its handling
     of a lost connection are as for any other."""
-    driver = c.connection.driver_connection
-    if c.dialect.driver != "psycopg" or driver is None:
+    if c.dialect.driver != "psycopg" or (driver := c.connection.driver_connection) is None:
         yield c.dialect.paramstyle
         return
     import psycopg  # the driver of this connection, hence installed
@@ -614,7 +613,7 @@ class JournalingSink:
         self.check = check  # False: ``ack_after: receipt``, journaled unread
         self.store = sink.store
         self._waiting: list[tuple[InboundMessage, asyncio.Future[int]]] = []
-        self._writes: set[asyncio.Task[None]] = set()
+        self._writing: asyncio.Task[None] | None = None  # the one write in flight
         # Senders answered by a write that have not sent again yet (see GATHER_SECONDS), and
         # the event a write gathering for them waits on.
         self._expected = 0
@@ -662,19 +661,18 @@ class JournalingSink:
         return InboundResult(Verdict.ACCEPT)
 
     def _start_write(self) -> None:
-        if self._waiting and not self._writes:
+        if self._waiting and self._writing is None:
             self.applier.receipt_busy = True
-            task = asyncio.create_task(self._write())
-            self._writes.add(task)
-            task.add_done_callback(self._written)
+            self._writing = asyncio.create_task(self._write())
+            self._writing.add_done_callback(self._written)
 
     def _end_gathering(self) -> None:
         if self._gathered is not None:
             self._gathered.set()
 
-    def _written(self, task: asyncio.Task[None]) -> None:
-        self._writes.discard(task)
-        if not self._writes and not self._waiting:
+    def _written(self, _task: asyncio.Task[None]) -> None:
+        self._writing = None
+        if not self._waiting:
             self.applier.receipt_busy = False
             self.applier.receipt_ended = asyncio.get_running_loop().time()
         self._start_write()  # what waited meanwhile
