@@ -2,8 +2,9 @@
 
 Each request posts the same Parameters body (a PDF of the chosen size, in base64, for one
 patient). A 200 answer with a transaction id is a success; anything else is an error of one
-kind: ``http-<status>``, ``timeout``, ``connection`` (refused, reset), or ``bad-answer`` (a 200
-without a transaction id).
+kind: ``http-<status>``, ``timeout``, ``connection`` (refused, reset, closed), or ``bad-answer``
+(a 200 without a transaction id, or not an HTTP/1.1 answer). Each worker posts on a kept-alive
+connection of its own (loadgen/http_client.py), reopened after a failure.
 
 With ``wait_completed``, the accepted documents are then followed on ``$tracking`` until each
 one is ``completed`` or ``entered-in-error``. Their end-to-end latency runs from the submit to the
@@ -24,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from medcourier.loadgen.http_client import HttpConnection, HttpFailure
 from medcourier.loadgen.messages import pdf, run_prefix
 from medcourier.loadgen.progress import Progress, snapshot_of
 from medcourier.loadgen.report import Phase, Report
@@ -120,37 +122,37 @@ class Accepted:
 
 
 class HttpSession:
-    """One worker posting documents on a client shared by all workers."""
+    """One worker posting documents on a kept-alive connection of its own."""
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        target: HttpTarget,
         body: bytes,
         accepted: Accepted,
         wall: Callable[[float], float],
     ) -> None:
-        self.client = client
+        self.connection = HttpConnection(target.base, target.headers(), target.timeout)
         self.body = body
         self.accepted = accepted
         self.wall = wall
 
     async def open(self) -> None:
-        """The client connects on first use; :func:`run_http` checked the server first."""
+        """The connection opens on first use; :func:`run_http` checked the server first."""
 
     async def exchange(self, seq: int, due: float) -> str | None:
         submitted = self.wall(due)
         try:
-            response = await self.client.post(
-                SEND_PATH, content=self.body, headers={"Content-Type": "application/fhir+json"}
+            response = await self.connection.request(
+                "POST", SEND_PATH, self.body, {"Content-Type": "application/fhir+json"}
             )
-        except httpx.TimeoutException:
-            return "timeout"
-        except httpx.TransportError:
-            return "connection"
-        if response.status_code != 200:
-            return f"http-{response.status_code}"
+        except HttpFailure as exc:
+            return exc.kind
+        if response.status != 200:
+            return f"http-{response.status}"
         try:
-            values = {p.get("name"): p.get("valueString") for p in response.json()["parameter"]}
+            values = {
+                p.get("name"): p.get("valueString") for p in json.loads(response.body)["parameter"]
+            }
             txid = values["transaction-id"]
         except (ValueError, KeyError, TypeError, AttributeError):
             return "bad-answer"
@@ -160,7 +162,7 @@ class HttpSession:
         return None
 
     async def close(self) -> None:
-        """The client is shared: its owner closes it."""
+        self.connection.close()
 
 
 def _final(bundle: Any) -> tuple[str, float | None] | None:
@@ -273,7 +275,7 @@ async def run_http(
         def wall(moment: float) -> float:
             return wall0 + (moment - mono0)
 
-        sessions = [HttpSession(client, body, accepted, wall) for _ in range(connections)]
+        sessions = [HttpSession(target, body, accepted, wall) for _ in range(connections)]
         if progress is not None:
             progress.start(
                 snapshot_of(
