@@ -215,11 +215,11 @@ class Engine:
             self.inbound.append(channel)
 
     async def _start_http(self) -> None:
-        from medcourier.engine.api.app import create_app
+        from medcourier.engine.api.app import create_asgi
 
         http = self.config.settings.http
         cfg = uvicorn.Config(
-            create_app(self),
+            create_asgi(self),
             host=http.host,
             port=http.port,
             log_config=None,

@@ -89,32 +89,35 @@ def _expand(scopes: list[str]) -> frozenset[str]:
     return frozenset(out)
 
 
+def authorize(request: Request, scope: str) -> Principal:
+    """The caller's principal if its token holds ``scope``, else 401/403 as a FhirError."""
+    header = request.headers.get("authorization", "")
+    kind, _, presented = header.partition(" ")
+    if kind.lower() != "bearer" or not presented.strip():
+        raise FhirError(
+            401,
+            "Authentication required: send 'Authorization: Bearer <token>'",
+            code="login",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    table: TokenTable = request.app.state.tokens
+    principal = table.lookup(presented.strip())
+    if principal is None:
+        raise FhirError(
+            401,
+            "The bearer token is not valid",
+            code="login",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+    if scope not in principal.scopes:
+        raise FhirError(403, f"The {scope} scope is required for this operation", code="forbidden")
+    return principal
+
+
 def require(scope: str) -> Callable[[Request], Coroutine[Any, Any, Principal]]:
     """A FastAPI dependency: the caller's principal, or 401/403 as OperationOutcome."""
 
     async def dependency(request: Request) -> Principal:
-        header = request.headers.get("authorization", "")
-        kind, _, presented = header.partition(" ")
-        if kind.lower() != "bearer" or not presented.strip():
-            raise FhirError(
-                401,
-                "Authentication required: send 'Authorization: Bearer <token>'",
-                code="login",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        table: TokenTable = request.app.state.tokens
-        principal = table.lookup(presented.strip())
-        if principal is None:
-            raise FhirError(
-                401,
-                "The bearer token is not valid",
-                code="login",
-                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-            )
-        if scope not in principal.scopes:
-            raise FhirError(
-                403, f"The {scope} scope is required for this operation", code="forbidden"
-            )
-        return principal
+        return authorize(request, scope)
 
     return dependency

@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from medcourier.engine.api.auth import Principal, require
+from medcourier.engine.api.auth import Principal, authorize, require
 from medcourier.engine.api.fhir import (
     FhirError,
     fhir_response,
@@ -240,10 +240,13 @@ def check(params: dict[str, Any], limit: int, decoded: bytes | None = None) -> _
     )
 
 
-@router.post("/fhir/CommunicationRequest/$send-to-ehr")
-async def send_to_ehr(
-    request: Request, principal: Principal = Depends(require("SEND_TO_EHR"))
-) -> Response:
+SEND_PATH = "/fhir/CommunicationRequest/$send-to-ehr"
+
+
+async def send_to_ehr(request: Request) -> Response:
+    """``POST`` :data:`SEND_PATH`, served ahead of FastAPI's routing (api/app.py, ``HotRoutes``):
+    it is the one endpoint every document goes through."""
+    principal = authorize(request, "SEND_TO_EHR")
     engine: Engine = request.app.state.engine
     limit = engine.config.settings.limits.max_document_bytes
     body_limit = min(engine.config.settings.http.max_body_bytes, limit * 4 // 3 + BODY_OVERHEAD)
