@@ -4,7 +4,8 @@
 Starts a real `medcourier run` process (embedded default, or RabbitMQ + PostgreSQL) and an EHR
 simulator, posts N documents with C concurrent clients, then reads each document's `sent` time
 from $tracking. Prints one table: documents/s (first submit to last completed) and p50/p90/p99/max
-latency from submit to completed, per backend and payload size.
+latency from submit to completed, per backend and payload size, and the CPU each document cost
+the engine process and this loader during the load (Linux: the engine's /proc/<pid>/stat).
 
 The EHR simulator runs in a process of its own, so its ACKs do not wait for the load clients'
 event loop (``--ehr-in-process`` puts it back in this one, as the first figures were measured).
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,16 @@ def pdf(size: int) -> bytes:
     tail = b"\n%%EOF\n"
     body = os.urandom(max(0, size - len(head) - len(tail)))
     return head + body + tail
+
+
+def process_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system) of a process so far, from /proc (None where there is none)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -212,7 +224,9 @@ async def run_case(
         base = f"http://127.0.0.1:{http_port}"
         try:
             await wait_http(base, proc)
-            result = await load(base, size, count, concurrency, ehr, rate, routes)
+            result = await load(
+                base, size, count, concurrency, ehr, rate, routes, lambda: process_cpu(proc.pid)
+            )
         finally:
             proc.send_signal(signal.SIGINT if wrap else signal.SIGTERM)
             proc.wait(60)
@@ -249,6 +263,7 @@ async def load(
     ehr: RemoteEhr | LocalEhr,
     rate: float | None = None,
     routes: int = 1,
+    engine_cpu: Callable[[], float | None] = lambda: None,
 ) -> dict[str, Any]:
     """Post ``count`` documents from ``concurrency`` clients, back to back, or with ``rate`` the
     i-th no sooner than i/rate seconds after the start (a paced load, to read latency below
@@ -307,12 +322,15 @@ async def load(
                 conn.close()
 
         start = time.time()
+        cpu0, own0 = engine_cpu(), time.process_time()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         accepted_in = time.time() - start
         while ehr.count < len(submitted) * routes:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
             if time.time() - start > 600:
                 break
+        # CPU of the load itself, before the $tracking reads below
+        cpu1, own1 = engine_cpu(), time.process_time()
         # read the completion times the engine recorded
         latencies: list[float] = []
         last_done = start
@@ -349,6 +367,13 @@ async def load(
         "p99_ms": round(pct(0.99), 1),
         "max_ms": round(latencies[-1] * 1000, 1),
         "mean_ms": round(statistics.fmean(latencies) * 1000, 1),
+        # CPU per delivered document: the engine process (Linux /proc), this loader process
+        "engine_cpu_ms": (
+            round((cpu1 - cpu0) * 1000 / len(latencies), 2)
+            if cpu0 is not None and cpu1 is not None and latencies
+            else "-"
+        ),
+        "loader_cpu_ms": round((own1 - own0) * 1000 / max(1, len(latencies)), 2),
     }
 
 
@@ -408,6 +433,8 @@ def main() -> None:
         "p90_ms",
         "p99_ms",
         "max_ms",
+        "engine_cpu_ms",
+        "loader_cpu_ms",
     ]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
