@@ -216,6 +216,7 @@ class Engine:
 
     async def _start_http(self) -> None:
         from medcourier.engine.api.app import create_asgi
+        from medcourier.engine.api.http_protocol import BoundedHttpToolsProtocol
 
         http = self.config.settings.http
         cfg = uvicorn.Config(
@@ -226,6 +227,7 @@ class Engine:
             access_log=False,
             lifespan="off",
             timeout_keep_alive=30,
+            http=BoundedHttpToolsProtocol,  # httptools, not h11 (api/http_protocol.py)
         )
         self._server = _Server(cfg)
         self._server_task = asyncio.create_task(self._server.serve())
