@@ -1,0 +1,178 @@
+"""The accept's inserts on SQLite's driver (engine/sqlite_insert.py) store what SQLAlchemy would.
+
+The same document is accepted twice on one embedded store: once through SQLAlchemy (the path a
+large payload still takes, forced here by writing the rows with ``Connection.execute``) and once
+through ``tx_accept_document``'s driver path; the stored text of every column must be the same,
+and reading it back must give the same values. A duplicate key is SQLAlchemy's IntegrityError
+(``Engine.submit`` draws a new transaction id on it), and the connection goes on.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from medcourier.engine.schema import deliveries, documents, payloads, status_events
+from medcourier.engine.sqlite_insert import DriverInsert
+from medcourier.engine.store import Store
+from tests.harness import pdf_bytes
+
+AT = datetime(2026, 12, 7, 18, 30, 5, 123456, tzinfo=UTC)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(None, tmp_path / "data")
+    s.create_schema()
+    yield s
+    s.dispose()
+
+
+def accept(store: Store, txid: str, payload: bytes, routes: list[str]) -> None:
+    with store.engine.begin() as c:
+        store.tx_accept_document(
+            c,
+            transaction_id=txid,
+            created_at=AT,
+            content_type="application/pdf",
+            document_type="11488-4",
+            title="Compte rendu",
+            sender_identifier=None,
+            sender_application="tests",
+            patient_id="p1",
+            encounter_id="e1",
+            payload=payload,
+            routes=routes,
+        )
+
+
+def accept_through_sqlalchemy(
+    store: Store, txid: str, payload: bytes, routes: list[str], at: datetime
+) -> None:
+    with store.engine.begin() as c:
+        c.execute(
+            documents.insert(),
+            {
+                "transaction_id": txid,
+                "created_at": AT,
+                "content_type": "application/pdf",
+                "document_type": "11488-4",
+                "title": "Compte rendu",
+                "sender_identifier": None,
+                "sender_application": "tests",
+                "patient_id": "p1",
+                "encounter_id": "e1",
+                "payload_size": len(payload),
+            },
+        )
+        c.execute(payloads.insert(), {"transaction_id": txid, "data": payload})
+        for r in routes:
+            c.execute(
+                deliveries.insert(),
+                {
+                    "transaction_id": txid,
+                    "route": r,
+                    "status": "preparation",
+                    "status_at": at,
+                    "attempts": 0,
+                },
+            )
+            c.execute(
+                status_events.insert(),
+                {
+                    "transaction_id": txid,
+                    "route": r,
+                    "status": "preparation",
+                    "at": at,
+                    "reason": "accepted",
+                },
+            )
+
+
+def stored_text(store: Store, txid: str) -> list[list[object]]:
+    """Every column of the document's rows as SQLite holds it (types as stored, no
+    conversion), the transaction id left out, status events without their row id."""
+    raw = sqlite3.connect(store.engine.url.database or "")
+    try:
+        out = []
+        for table, skip in (
+            ("documents", {"transaction_id"}),
+            ("payloads", {"transaction_id"}),
+            ("deliveries", {"transaction_id"}),
+            ("status_events", {"transaction_id", "id"}),
+        ):
+            cur = raw.execute(f"SELECT * FROM {table} WHERE transaction_id = ?", (txid,))
+            names = [d[0] for d in cur.description]
+            for row in cur.fetchall():
+                out.append(
+                    [table]
+                    + [
+                        (n, v, type(v).__name__)
+                        for n, v in zip(names, row, strict=True)
+                        if n not in skip
+                    ]
+                )
+        return sorted(out, key=repr)
+    finally:
+        raw.close()
+
+
+def test_the_driver_path_stores_what_sqlalchemy_stores(store: Store) -> None:
+    payload = pdf_bytes(4096)
+    routes = ["r-b", "r-a"]
+    accept(store, "T-DRIVER", payload, routes)
+    with store.engine.connect() as c:  # the accept's own time, as SQLAlchemy reads it back
+        at = c.execute(sa.select(deliveries.c.status_at).limit(1)).scalar_one()
+    accept_through_sqlalchemy(store, "T-ORM", payload, routes, at)
+    driver = stored_text(store, "T-DRIVER")
+    assert driver == stored_text(store, "T-ORM")
+    assert len(driver) == 1 + 1 + 2 + 2
+    # and SQLAlchemy reads it back as it wrote it
+    with store.engine.connect() as c:
+        created, data = c.execute(
+            sa.select(documents.c.created_at, payloads.c.data)
+            .join(payloads, payloads.c.transaction_id == documents.c.transaction_id)
+            .where(documents.c.transaction_id == "T-DRIVER")
+        ).one()
+    assert created == AT.replace(tzinfo=None)  # SQLite keeps no zone: the engine stores UTC
+    assert bytes(data) == payload
+
+
+def test_a_duplicate_key_is_sqlalchemys_integrity_error(store: Store) -> None:
+    accept(store, "T-1", pdf_bytes(), ["r"])
+    with pytest.raises(sa.exc.IntegrityError):
+        accept(store, "T-1", pdf_bytes(), ["r"])
+    accept(store, "T-2", pdf_bytes(), ["r"])  # the store goes on
+    with store.engine.connect() as c:
+        count = c.execute(sa.select(sa.func.count()).select_from(documents)).scalar_one()
+    assert count == 2
+
+
+def test_the_failed_accept_left_nothing(store: Store) -> None:
+    """The duplicate's first insert fails; no payload, delivery or history row of it remains
+    beside the first document's."""
+    first = pdf_bytes(100)
+    accept(store, "T-1", first, ["r"])
+    with pytest.raises(sa.exc.IntegrityError):
+        accept(store, "T-1", pdf_bytes(200), ["r", "s"])
+    with store.engine.connect() as c:
+        routes = c.execute(sa.select(deliveries.c.route)).scalars().all()
+        events = c.execute(sa.select(sa.func.count()).select_from(status_events)).scalar_one()
+        size = c.execute(sa.select(sa.func.length(payloads.c.data))).scalar_one()
+    assert (routes, events, size) == (["r"], 1, len(first))
+
+
+def test_a_column_with_a_python_default_must_be_given(store: Store) -> None:
+    """deliveries.attempts has a default SQLAlchemy would bind: a column list without it is
+    refused rather than inserted without the default."""
+    insert = DriverInsert(deliveries, ["transaction_id", "route", "status", "status_at"])
+    with store.engine.begin() as c:
+        raw = c.connection.driver_connection
+        assert isinstance(raw, sqlite3.Connection)
+        with pytest.raises(ValueError, match="attempts"):
+            insert.run(c, raw, [("T", "r", "preparation", AT)])
