@@ -258,7 +258,9 @@ def test_a_status_change_reports_the_previous_status(store: Store) -> None:
     finally:
         counter.close()
     assert old is Status.PREPARATION
-    assert len(counter.data()) == (3 if store.is_sqlite else 1), counter.sent
+    # SQLite: the read; its update and history row run on the driver (engine/sqlite_statements.py),
+    # unseen by SQLAlchemy's events
+    assert len(counter.data()) == 1, counter.sent
     assert store.set_status(txid, ROUTE, Status.COMPLETED, "done") is Status.IN_PROGRESS
     # A delivery that does not exist: no previous status, the history row is added as before.
     assert store.set_status(txid, "other", Status.COMPLETED) is None
@@ -280,7 +282,7 @@ def test_status_changes_of_several_deliveries_go_together(store: Store) -> None:
     finally:
         counter.close()
     assert old == [Status.IN_PROGRESS, Status.PREPARATION, None]
-    assert len(counter.data()) == 3, counter.sent
+    assert len(counter.data()) == (1 if store.is_sqlite else 3), counter.sent  # as above
     assert row(store, first).status == Status.COMPLETED.value
     assert row(store, first).sent_at.replace(tzinfo=UTC) == sent
     assert row(store, second).status == Status.ENTERED_IN_ERROR.value

@@ -52,7 +52,7 @@ from medcourier.engine.schema import (
     payloads,
     status_events,
 )
-from medcourier.engine.sqlite_insert import DriverInsert
+from medcourier.engine.sqlite_statements import DriverStatement, driver_insert
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -259,15 +259,17 @@ class Store(DirectoryStore, ResourceStore):
             return
         raw = sqlite_connection(c) if c.dialect.name == "sqlite" else None
         if raw is not None and len(payload) <= DIRECT_WRITE_BYTES:
-            # on the driver itself (engine/sqlite_insert.py): SQLAlchemy's execution of these
+            # on the driver itself (engine/sqlite_statements.py): SQLAlchemy's execution of these
             # four was as much of the engine's time as the HTTP handler
             status = Status.PREPARATION.value
-            _ACCEPT_SQLITE[0].run(c, raw, [tuple(document[k] for k in _ACCEPT_SQLITE[0].columns)])
-            _ACCEPT_SQLITE[1].run(c, raw, [(transaction_id, payload)])
-            _ACCEPT_SQLITE[2].run(c, raw, [(transaction_id, r, status, at, 0) for r in route_list])
-            _ACCEPT_SQLITE[3].run(
-                c, raw, [(transaction_id, r, status, at, "accepted") for r in route_list]
-            )
+            rows = [
+                {"transaction_id": transaction_id, "route": r, "status": status, "at": at}
+                for r in route_list
+            ]
+            _ACCEPT_SQLITE[0].run(c, raw, [document])
+            _ACCEPT_SQLITE[1].run(c, raw, [{"transaction_id": transaction_id, "data": payload}])
+            _ACCEPT_SQLITE[2].run(c, raw, rows)
+            _ACCEPT_SQLITE[3].run(c, raw, rows)
             return
         c.execute(documents.insert(), document)
         insert_payload(c, transaction_id, payload)
@@ -504,8 +506,7 @@ class Store(DirectoryStore, ResourceStore):
             previous = c.execute(_SET_STATUS_PG, params).scalar()
         else:
             previous = c.execute(_STATUS_OF, params).scalar()
-            c.execute(_SET_STATUS, params)
-            c.execute(_STATUS_EVENT, params)
+            _record_statuses(c, [params])
         return Status(previous) if previous else None
 
     @rerunnable
@@ -540,8 +541,7 @@ class Store(DirectoryStore, ResourceStore):
             }
             for ch in changes
         ]
-        c.execute(_SET_STATUS, rows)
-        c.execute(_STATUS_EVENT, rows)
+        _record_statuses(c, rows)
         return [previous.get(t) for t in txids]
 
     def tx_mark_unqueued(self, c: Connection, transaction_id: str, route: str, reason: str) -> bool:
@@ -733,12 +733,34 @@ _ACCEPT_PG = sa.text(
 )
 
 
+# The columns an accept sets in documents (every one today; a column added later and left out
+# is NULL, as through SQLAlchemy).
+_DOCUMENT_COLUMNS = (
+    "transaction_id",
+    "created_at",
+    "content_type",
+    "document_type",
+    "title",
+    "sender_identifier",
+    "sender_application",
+    "patient_id",
+    "encounter_id",
+    "payload_size",
+)
 # tx_accept_document on SQLite, on the driver: document, payload, deliveries, history rows.
 _ACCEPT_SQLITE = (
-    DriverInsert(documents, [c.name for c in documents.c]),
-    DriverInsert(payloads, ["transaction_id", "data"]),
-    DriverInsert(deliveries, ["transaction_id", "route", "status", "status_at", "attempts"]),
-    DriverInsert(status_events, ["transaction_id", "route", "status", "at", "reason"]),
+    driver_insert(documents, _DOCUMENT_COLUMNS),
+    driver_insert(payloads, ["transaction_id", "data"]),
+    DriverStatement(
+        deliveries.insert().values(
+            status_at=sa.bindparam("at", type_=deliveries.c.status_at.type), attempts=0
+        ),
+        ["transaction_id", "route", "status"],
+    ),
+    DriverStatement(
+        status_events.insert().values(reason="accepted"),
+        ["transaction_id", "route", "status", "at"],
+    ),
 )
 
 
@@ -770,6 +792,20 @@ _STATUSES_OF = sa.select(deliveries.c.transaction_id, deliveries.c.status).where
     deliveries.c.transaction_id.in_(sa.bindparam("b_txids", expanding=True)),
 )
 _STATUSES_OF_PG = _STATUSES_OF.with_for_update()
+_SET_STATUS_SQLITE = DriverStatement(_SET_STATUS)
+_STATUS_EVENT_SQLITE = DriverStatement(_STATUS_EVENT)
+
+
+def _record_statuses(c: Connection, rows: list[dict[str, Any]]) -> None:
+    """The update and the history row of each status change in ``rows`` (not on PostgreSQL,
+    which does both in ``_SET_STATUS_PG``); on SQLite's driver, as an accept's inserts."""
+    raw = sqlite_connection(c) if c.dialect.name == "sqlite" else None
+    if raw is None:
+        c.execute(_SET_STATUS, rows)
+        c.execute(_STATUS_EVENT, rows)
+        return
+    _SET_STATUS_SQLITE.run(c, raw, rows)
+    _STATUS_EVENT_SQLITE.run(c, raw, rows)
 
 
 def _set_status_pg() -> Any:

@@ -1,4 +1,4 @@
-"""The accept's inserts on SQLite's driver (engine/sqlite_insert.py) store what SQLAlchemy would.
+"""Statements on SQLite's driver (engine/sqlite_statements.py) store what SQLAlchemy would.
 
 The same document is accepted twice on one embedded store: once through SQLAlchemy (the path a
 large payload still takes, forced here by writing the rows with ``Connection.execute``) and once
@@ -9,6 +9,7 @@ and reading it back must give the same values. A duplicate key is SQLAlchemy's I
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -17,9 +18,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from medcourier.engine import store as store_module
+from medcourier.engine.model import Status
 from medcourier.engine.schema import deliveries, documents, payloads, status_events
-from medcourier.engine.sqlite_insert import DriverInsert
-from medcourier.engine.store import Store
+from medcourier.engine.sqlite_statements import driver_insert
+from medcourier.engine.store import StatusChange, Store
 from tests.harness import pdf_bytes
 
 AT = datetime(2026, 12, 7, 18, 30, 5, 123456, tzinfo=UTC)
@@ -170,9 +173,69 @@ def test_the_failed_accept_left_nothing(store: Store) -> None:
 def test_a_column_with_a_python_default_must_be_given(store: Store) -> None:
     """deliveries.attempts has a default SQLAlchemy would bind: a column list without it is
     refused rather than inserted without the default."""
-    insert = DriverInsert(deliveries, ["transaction_id", "route", "status", "status_at"])
+    insert = driver_insert(deliveries, ["transaction_id", "route", "status", "status_at"])
+    row = {"transaction_id": "T", "route": "r", "status": "preparation", "status_at": AT}
     with store.engine.begin() as c:
         raw = c.connection.driver_connection
         assert isinstance(raw, sqlite3.Connection)
         with pytest.raises(ValueError, match="attempts"):
-            insert.run(c, raw, [("T", "r", "preparation", AT)])
+            insert.run(c, raw, [row])
+
+
+def test_status_changes_on_the_driver_store_what_sqlalchemy_stores(store: Store) -> None:
+    """``tx_set_statuses`` (the driver's update and history insert) against the same change
+    written by SQLAlchemy's own execution of the same statements."""
+    sent = datetime(2026, 12, 7, 18, 31, 0, 654321, tzinfo=UTC)
+    for txid in ("T-ORM", "T-DRIVER"):
+        accept(store, txid, pdf_bytes(), ["r-a", "r-b"])
+    with store.engine.begin() as c:
+        store.tx_set_statuses(
+            c,
+            "r-a",
+            [
+                StatusChange("T-DRIVER", Status.COMPLETED, None, sent),
+            ],
+        )
+        store.tx_set_statuses(
+            c,
+            "r-b",
+            [
+                StatusChange("T-DRIVER", Status.ENTERED_IN_ERROR, "refused: AE", None),
+            ],
+        )
+        at = c.execute(
+            sa.select(deliveries.c.status_at).where(
+                deliveries.c.transaction_id == "T-DRIVER", deliveries.c.route == "r-a"
+            )
+        ).scalar_one()
+        for route, status, reason, sent_at in (
+            ("r-a", "completed", None, sent),
+            ("r-b", "entered-in-error", "refused: AE", None),
+        ):
+            row = {
+                "b_txid": "T-ORM",
+                "b_route": route,
+                "b_status": status,
+                "b_at": at,
+                "b_reason": reason,
+                "b_sent": sent_at,
+            }
+            c.execute(store_module._SET_STATUS, row)
+            c.execute(store_module._STATUS_EVENT, row)
+
+    def shape(rows: list[list[object]]) -> list[list[object]]:
+        """Times of the changes (each write takes its own now()) kept as their format only."""
+        return [
+            [
+                (c[0], re.sub(r"\d", "9", c[1]), c[2])
+                if isinstance(c, tuple) and c[0] in ("status_at", "at")
+                else c
+                for c in r
+            ]
+            for r in rows
+        ]
+
+    driver, orm = stored_text(store, "T-DRIVER"), stored_text(store, "T-ORM")
+    assert shape(driver) == shape(orm)
+    assert any(("sent_at", "2026-12-07 18:31:00.654321", "str") in r for r in driver)
+    assert sum(("status", "completed", "str") in r for r in driver) == 2  # delivery, history
