@@ -224,9 +224,9 @@ async def run_case(
         base = f"http://127.0.0.1:{http_port}"
         try:
             await wait_http(base, proc)
-            result = await load(
-                base, size, count, concurrency, ehr, rate, routes, lambda: process_cpu(proc.pid)
-            )
+            # wrapped (py-spy), proc is the wrapper: its CPU would not be the engine's
+            cpu = (lambda: None) if wrap else (lambda: process_cpu(proc.pid))
+            result = await load(base, size, count, concurrency, ehr, rate, routes, cpu)
         finally:
             proc.send_signal(signal.SIGINT if wrap else signal.SIGTERM)
             proc.wait(60)
@@ -325,12 +325,12 @@ async def load(
         cpu0, own0 = engine_cpu(), time.process_time()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         accepted_in = time.time() - start
+        own1 = time.process_time()  # the loader's work is done; what follows is waiting
         while ehr.count < len(submitted) * routes:
             await asyncio.sleep(0.01)
             if time.time() - start > 600:
                 break
-        # CPU of the load itself, before the $tracking reads below
-        cpu1, own1 = engine_cpu(), time.process_time()
+        cpu1 = engine_cpu()  # the engine's, before the $tracking reads below
         # read the completion times the engine recorded
         latencies: list[float] = []
         last_done = start

@@ -66,11 +66,10 @@ def test_other_paths_reach_fastapi() -> None:
     assert _call("GET", "/missing").status_code == 404
 
 
-def test_other_method_on_a_hot_path_is_405_naming_the_allowed_one() -> None:
+def test_other_methods_on_a_hot_path_reach_fastapi() -> None:
     r = _call("GET", "/hot")
-    assert r.status_code == 405
-    assert r.headers["allow"] == "POST"
-    assert r.json()["issue"][0]["diagnostics"] == "Method Not Allowed"
+    assert r.status_code == 404  # FastAPI's answer: it has no route at /hot
+    assert r.json() == {"detail": "Not Found"}
 
 
 def test_fhir_error_is_answered_as_fastapis_handler_answers_it() -> None:
@@ -92,13 +91,30 @@ def test_unexpected_error_is_a_500_outcome_logged_by_type_only() -> None:
     assert "DUPONT" not in repr(events) and "DUPONT" not in r.text
 
 
-def test_the_engine_answers_get_on_send_to_ehr_with_405(lt: LoopThread, tmp_path: Path) -> None:
-    """Before the hot route, FastAPI answered this with the same 405 outcome (without Allow)."""
+def test_get_on_send_to_ehr_is_answered_by_fastapi_as_before(
+    lt: LoopThread, tmp_path: Path
+) -> None:
+    """FastAPI took GET $send-to-ehr for a CommunicationRequest read of that id (its
+    ``/fhir/CommunicationRequest/{ident}`` route): it still does."""
     with running_engine(lt, tmp_path) as eng:
-        r = httpx.get(
+        got = httpx.get(
             f"{eng.base}/fhir/CommunicationRequest/$send-to-ehr",
             headers={"Authorization": f"Bearer {TOKEN}"},
         )
-    assert r.status_code == 405
-    assert r.headers["allow"] == "POST"
-    assert r.json()["resourceType"] == "OperationOutcome"
+        other = httpx.get(
+            f"{eng.base}/fhir/CommunicationRequest/no-such-id",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+    assert got.status_code == other.status_code
+    assert got.json()["resourceType"] == "OperationOutcome"
+    assert got.json()["issue"][0]["code"] == other.json()["issue"][0]["code"]
+
+
+def test_a_root_path_is_taken_off_before_the_lookup() -> None:
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=_app(), root_path="/engine")
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.post("/engine/hot", content=b"abc")
+
+    r = asyncio.run(go())
+    assert (r.status_code, r.json()) == (200, {"state": "from-state", "length": 3})

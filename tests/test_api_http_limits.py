@@ -130,6 +130,55 @@ def test_a_large_body_sent_with_its_head_is_not_taken_for_headers(eng: Running) 
         assert b"transaction-id" in answer
 
 
+def _send_request(eng: Running, patient: str, document: bytes) -> bytes:
+    body = json.dumps(
+        {
+            "resourceType": "Parameters",
+            "parameter": [
+                {"name": "subject", "valueReference": {"reference": f"Patient/{patient}"}},
+                {"name": "payload", "valueString": base64.b64encode(document).decode()},
+            ],
+        }
+    ).encode()
+    return (
+        b"POST /fhir/CommunicationRequest/$send-to-ehr HTTP/1.1\r\nHost: t\r\n"
+        b"Authorization: Bearer %s\r\nContent-Type: application/fhir+json\r\n"
+        b"Content-Length: %d\r\n\r\n" % (TOKEN.encode(), len(body))
+    ) + body
+
+
+def test_requests_of_64_to_256_kb_in_one_read_are_served(eng: Running) -> None:
+    """A whole request that arrives in one read (up to asyncio's 256 KB) is not a head over the
+    limit: each size is sent in one piece on a fresh connection, where the server usually reads
+    it at once. The bug this guards against answered 400 after the document was stored."""
+    patient = eng.patient(name=[{"family": "Lecture"}])
+    for size in (60, 80, 110, 150) * 3:
+        s = _connect(eng)
+        try:
+            s.sendall(_send_request(eng, patient, pdf_bytes(size * 1024)))
+            answer = _answer(s)
+        finally:
+            s.close()
+        assert answer.startswith(b"HTTP/1.1 200"), (size, answer[:200])
+
+
+def test_pipelined_requests_over_the_limit_in_all_are_served(eng: Running) -> None:
+    """Ten requests of about 13 KB sent at once (130 KB, often one read): ten answers."""
+    patient = eng.patient(name=[{"family": "Pipeline"}])
+    request = _send_request(eng, patient, pdf_bytes(9 * 1024))
+    s = _connect(eng)
+    try:
+        s.sendall(request * 10)
+        got = b""
+        while got.count(b"HTTP/1.1 ") < 10 or not got.endswith(b"}"):
+            chunk = s.recv(65536)
+            assert chunk, got[-300:]
+            got += chunk
+    finally:
+        s.close()
+    assert got.count(b"HTTP/1.1 200") == 10, got[:300]
+
+
 def test_the_limit_is_per_request_on_a_kept_connection(eng: Running) -> None:
     """Heads of many requests on one connection add up to more than the limit: each is served."""
     padding = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"d" * 100) for i in range(100))  # ~11 KB

@@ -157,8 +157,7 @@ def test_silent_server_times_out_and_a_late_answer_is_not_taken_for_the_next() -
         try:
             with pytest.raises(HttpFailure) as failed:
                 await conn.request("POST", "/", b"first")
-            await asyncio.sleep(0.5)
-            conn.timeout = 5
+            conn.timeout = 5  # at once, while the late answer is still on its way
             return failed.value.kind, (await conn.request("POST", "/", b"second")).body
         finally:
             conn.close()
@@ -286,22 +285,26 @@ def test_nothing_listening_is_a_connection_failure() -> None:
 
 
 def test_server_closing_an_idle_connection_is_reopened_quietly() -> None:
-    """A kept-alive connection the server closes between requests (uvicorn's keep-alive
-    timeout) is not an error of the next request."""
+    """A kept-alive connection the server closes between requests (a keep-alive timeout) is not
+    an error of the next request, even sent the moment the server has closed."""
+    closed = asyncio.Event()
 
     async def closes_when_idle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(answer(b"ok"))
         await writer.drain()
-        # then closes without Connection: close, as an idle timeout does
+        writer.close()  # without Connection: close, as an idle timeout does
+        await writer.wait_closed()
+        closed.set()
 
     async def client(base: str) -> list[bytes]:
         conn = HttpConnection(base, {}, timeout=5)
         bodies = []
         try:
             for _ in range(3):
+                closed.clear()
                 bodies.append((await conn.request("GET", "/")).body)
-                await asyncio.sleep(0.1)  # lets the close arrive
+                await closed.wait()
         finally:
             conn.close()
         return bodies
@@ -309,6 +312,49 @@ def test_server_closing_an_idle_connection_is_reopened_quietly() -> None:
     bodies, connections = scenario(closes_when_idle, client)
     assert bodies == [b"ok"] * 3
     assert connections == 3
+
+
+def test_bytes_the_server_sends_unasked_are_not_taken_for_the_next_answer() -> None:
+    answered = 0
+
+    async def chatty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        while True:
+            await read_request(reader)
+            answered += 1
+            # the first answer comes with a second one nobody asked for
+            writer.write(
+                answer(b"first") + answer(b"unasked") if answered == 1 else answer(b"again")
+            )
+            await writer.drain()
+
+    async def client(base: str) -> list[bytes]:
+        conn = HttpConnection(base, {}, timeout=5)
+        try:
+            first = (await conn.request("GET", "/")).body
+            await asyncio.sleep(0.1)
+            return [first, (await conn.request("GET", "/")).body]
+        finally:
+            conn.close()
+
+    bodies, connections = scenario(chatty, client)
+    assert bodies == [b"first", b"again"]
+    assert connections == 2
+
+
+def test_a_header_http_cannot_carry_is_a_failure_of_the_request() -> None:
+    async def client(base: str) -> str:
+        conn = HttpConnection(base, {"X-Bad": "a\r\nb"}, timeout=5)
+        try:
+            await conn.request("GET", "/")
+        except HttpFailure as exc:
+            return exc.kind
+        finally:
+            conn.close()
+        return "answered"
+
+    kind, _ = scenario(echo_forever, client)
+    assert kind == "connection"
 
 
 def test_not_an_http_url_is_refused() -> None:

@@ -89,7 +89,7 @@ class Statements:
 def test_an_accept_is_one_statement_on_postgresql(store: Store, size: int) -> None:
     """A document's rows (document, payload, a delivery and a history row per route) go in one
     statement on PostgreSQL, unless the payload is large (written by COPY, apart); SQLite runs
-    its four on the driver (engine/sqlite_insert.py), which SQLAlchemy's events do not see."""
+    its four on the driver (engine/sqlite_statements.py), which SQLAlchemy's events do not see."""
     payload = pdf_bytes(size)
     routes = ["r-c", "r-a", "r-b"]
     counter = Statements(store)

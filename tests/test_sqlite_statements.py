@@ -9,6 +9,7 @@ and reading it back must give the same values. A duplicate key is SQLAlchemy's I
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from medcourier.engine import store as store_module
 from medcourier.engine.model import Status
 from medcourier.engine.schema import deliveries, documents, payloads, status_events
 from medcourier.engine.sqlite_statements import driver_insert
-from medcourier.engine.store import StatusChange, Store
+from medcourier.engine.store import AsyncStore, StatusChange, Store
 from tests.harness import pdf_bytes
 
 AT = datetime(2026, 12, 7, 18, 30, 5, 123456, tzinfo=UTC)
@@ -239,3 +240,68 @@ def test_status_changes_on_the_driver_store_what_sqlalchemy_stores(store: Store)
     assert shape(driver) == shape(orm)
     assert any(("sent_at", "2026-12-07 18:31:00.654321", "str") in r for r in driver)
     assert sum(("status", "completed", "str") in r for r in driver) == 2  # delivery, history
+
+
+def test_a_failure_after_some_driver_inserts_rolls_back_to_its_savepoint(store: Store) -> None:
+    """The group commit reruns a failed batch with a savepoint per write: a write that fails
+    after its first driver inserts (a route named twice: the deliveries insert fails, after the
+    document and payload went in) must leave nothing, and its neighbours must stay."""
+    with store.engine.begin() as c:
+        store.tx_accept_document(c, **_document("T-BEFORE", ["r"]))
+        savepoint = c.begin_nested()
+        with pytest.raises(sa.exc.IntegrityError):
+            store.tx_accept_document(c, **_document("T-FAILS", ["r", "r"]))
+        savepoint.rollback()
+        store.tx_accept_document(c, **_document("T-AFTER", ["r"]))
+    with store.engine.connect() as c:
+        kept = c.execute(sa.select(documents.c.transaction_id)).scalars().all()
+        paid = c.execute(sa.select(payloads.c.transaction_id)).scalars().all()
+    assert sorted(kept) == sorted(paid) == ["T-AFTER", "T-BEFORE"]
+
+
+def test_the_group_commit_answers_each_accept_of_a_batch_with_a_failing_one(
+    store: Store,
+) -> None:
+    """Through AsyncStore.write: concurrent accepts share a commit; the failing one gets its
+    IntegrityError, the others are stored."""
+    astore = AsyncStore(store)
+
+    async def scenario() -> list[object]:
+        return await asyncio.gather(
+            *(
+                astore.write(store.tx_accept_document, **_document(f"T-{i}", routes))
+                for i, routes in enumerate([["r"], ["r"], ["r", "r"], ["r"], ["r"]])
+            ),
+            return_exceptions=True,
+        )
+
+    try:
+        outcomes = asyncio.run(scenario())
+    finally:
+        astore.close()
+    assert [type(o).__name__ for o in outcomes] == [
+        "NoneType",
+        "NoneType",
+        "IntegrityError",
+        "NoneType",
+        "NoneType",
+    ]
+    with store.engine.connect() as c:
+        kept = c.execute(sa.select(documents.c.transaction_id)).scalars().all()
+    assert sorted(kept) == ["T-0", "T-1", "T-3", "T-4"]
+
+
+def _document(txid: str, routes: list[str]) -> dict[str, object]:
+    return {
+        "transaction_id": txid,
+        "created_at": AT,
+        "content_type": "application/pdf",
+        "document_type": "11488-4",
+        "title": "Compte rendu",
+        "sender_identifier": None,
+        "sender_application": "tests",
+        "patient_id": "p1",
+        "encounter_id": None,
+        "payload": pdf_bytes(),
+        "routes": routes,
+    }

@@ -45,6 +45,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from medcourier.engine.driver_errors import driver_error
 from medcourier.engine.payload_read import driver_connection, sqlite_connection
 from medcourier.engine.schema import payloads
 
@@ -110,7 +111,7 @@ def _sqlite_blob(
             for start in range(0, len(value), WRITE_SLICE):
                 blob.write(value[start : start + WRITE_SLICE])
     except sqlite3.Error as exc:
-        raise _wrapped(c, exc, f"blob write into {table.name}.{large}") from exc
+        raise driver_error(c, exc, f"blob write into {table.name}.{large}") from exc
 
 
 # -- PostgreSQL -----------------------------------------------------------------------------
@@ -149,7 +150,7 @@ def _postgresql_copy(c: Connection, table: sa.Table, row: Mapping[str, Any], lar
                 copy.write(value[start : start + WRITE_SLICE])
             copy.write(tail)
     except c.dialect.loaded_dbapi.Error as exc:
-        raise _wrapped(c, exc, statement) from exc
+        raise driver_error(c, exc, statement) from exc
 
 
 def _binary_field(column: sa.Column[Any], value: Any, encoding: str) -> bytes:
@@ -171,16 +172,3 @@ def _binary_field(column: sa.Column[Any], value: Any, encoding: str) -> bytes:
     else:
         raise TypeError(f"{column.name}: no binary COPY encoding for {kind!r}")
     return struct.pack("!i", len(data)) + data
-
-
-def _wrapped(c: Connection, exc: Exception, statement: str) -> sa.exc.StatementError:
-    """The driver's error as SQLAlchemy raises it for a statement it ran (``IntegrityError``
-    for a duplicate key…), parameters hidden as the engine's ``hide_parameters`` has them."""
-    return sa.exc.DBAPIError.instance(
-        statement,
-        None,
-        exc,
-        c.dialect.loaded_dbapi.Error,
-        hide_parameters=True,
-        dialect=c.dialect,
-    )

@@ -26,6 +26,8 @@ from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
+from medcourier.engine.driver_errors import driver_error
+
 Processor = Callable[[Any], Any] | None
 
 
@@ -85,19 +87,7 @@ class DriverStatement:
             else:
                 raw.executemany(sql, params)
         except sqlite3.Error as exc:
-            raise sa.exc.DBAPIError.instance(
-                sql,
-                None,
-                exc,
-                sqlite3.Error,
-                hide_parameters=True,
-                connection_invalidated=c.dialect.is_disconnect(
-                    exc,  # type: ignore[arg-type]
-                    c.connection.dbapi_connection,
-                    None,
-                ),
-                dialect=c.dialect,
-            ) from exc
+            raise driver_error(c, exc, sql) from exc
 
 
 _REQUIRED = object()

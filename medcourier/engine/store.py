@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 import structlog
@@ -37,6 +37,7 @@ from medcourier.engine.directory import (
     live_patient_resource,
 )
 from medcourier.engine.directory_run import NotBatchable, tx_apply_directory_run
+from medcourier.engine.driver_errors import driver_error
 from medcourier.engine.inbound import DirectoryUpdate
 from medcourier.engine.model import Document, Status
 from medcourier.engine.payload_read import DIRECT_READ_BYTES, read_payload, sqlite_connection
@@ -912,16 +913,7 @@ def _sqlite_begin(conn: Connection) -> None:
     try:
         driver.execute(statement)
     except sqlite3.Error as exc:
-        gone = conn.dialect.is_disconnect(cast(Any, exc), conn.connection.dbapi_connection, None)
-        raise sa.exc.DBAPIError.instance(
-            statement,
-            None,
-            exc,
-            sqlite3.Error,
-            hide_parameters=True,
-            connection_invalidated=gone,  # the writer thread then drops it
-            dialect=conn.dialect,
-        ) from exc
+        raise driver_error(conn, exc, statement) from exc
 
 
 @dataclass(frozen=True)

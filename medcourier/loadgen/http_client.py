@@ -13,6 +13,7 @@ what it adds is an asyncio protocol, a timeout and reconnection. The setup calls
 from __future__ import annotations
 
 import asyncio
+import select
 import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -56,6 +57,11 @@ class _Exchange(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if self.waiter is None:  # nothing asked: a server talking out of turn is not kept
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()
+            return
         self.conn.receive_data(data)
         self._advance()
 
@@ -105,6 +111,17 @@ class _Exchange(asyncio.Protocol):
                 self.transport.abort()
 
 
+def _stale(proto: _Exchange) -> bool:
+    """Whether an idle kept connection has something to read: the server's close (a keep-alive
+    timeout) already arrived but not yet handled, or bytes it had no reason to send. Either way
+    the next request goes on a new connection rather than fail on this one."""
+    sock = proto.transport.get_extra_info("socket") if proto.transport is not None else None
+    if sock is None:
+        return False
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
 def _expire(waiter: asyncio.Future[Answer]) -> None:
     if not waiter.done():
         waiter.set_exception(HttpFailure("timeout", "no answer"))
@@ -138,11 +155,11 @@ class HttpConnection:
         self.connects = 0
         self._proto: _Exchange | None = None
 
-    async def _open(self) -> _Exchange:
+    async def _open(self, timeout: float) -> _Exchange:
         loop = asyncio.get_running_loop()
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(timeout):
                 _, proto = await loop.create_connection(
                     lambda: _Exchange(conn, self.max_answer), self.host, self.port, ssl=self.ssl
                 )
@@ -161,26 +178,33 @@ class HttpConnection:
         :raises HttpFailure: ``timeout``, ``connection`` (refused, reset, closed) or
             ``bad-answer`` (not HTTP/1.1, too large); the connection is then dropped.
         """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout  # connecting included
         proto = self._proto
-        if proto is None or proto.closed or proto.conn.our_state is not h11.IDLE:
+        if proto is None or proto.closed or proto.conn.our_state is not h11.IDLE or _stale(proto):
             self.close()
-            proto = self._proto = await self._open()
+            proto = self._proto = await self._open(deadline - loop.time())
+        if proto.waiter is not None:
+            raise RuntimeError("one request at a time on an HttpConnection")
         conn = proto.conn
         fields = [*self.headers, ("Content-Length", str(len(body)))]
         if headers:
             fields.extend(headers.items())
-        loop = asyncio.get_running_loop()
         proto.status, proto.chunks, proto.size = 0, [], 0
         waiter: asyncio.Future[Answer] = loop.create_future()
         proto.waiter = waiter
-        timer = loop.call_later(self.timeout, _expire, waiter)
+        timer = loop.call_at(deadline, _expire, waiter)
         try:
-            data = conn.send(h11.Request(method=method, target=self.prefix + path, headers=fields))
-            assert data is not None and proto.transport is not None
-            if body:
-                data += conn.send(h11.Data(data=body)) or b""
-            data += conn.send(h11.EndOfMessage()) or b""
-            proto.transport.write(data)
+            try:
+                request = h11.Request(method=method, target=self.prefix + path, headers=fields)
+                pieces = [conn.send(request)]
+                if body:  # the body itself, not a copy
+                    pieces += conn.send_with_data_passthrough(h11.Data(data=body)) or []
+                pieces.append(conn.send(h11.EndOfMessage()))
+            except h11.LocalProtocolError as exc:  # a header h11 will not send, say
+                raise HttpFailure("connection", f"request not sent: {exc}") from exc
+            assert proto.transport is not None
+            proto.transport.writelines([p for p in pieces if p])
             answer = await waiter
         except BaseException:
             self.close()
@@ -188,7 +212,13 @@ class HttpConnection:
         finally:
             timer.cancel()
             proto.waiter = None
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+        unread, closed = conn.trailing_data  # bytes after the answer: not the next one's
+        if (
+            conn.our_state is h11.DONE
+            and conn.their_state is h11.DONE
+            and not unread
+            and not closed
+        ):
             conn.start_next_cycle()
         else:  # the server asked to close (or did): the next request opens a new connection
             self.close()

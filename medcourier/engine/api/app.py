@@ -45,34 +45,35 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class HotRoutes:
-    """An ASGI app that answers a few (method, path) pairs itself and hands the rest to ``app``.
+    """An ASGI app that answers a few (method, path) pairs itself and hands the rest to ``app``,
+    other methods on those paths included (FastAPI answers them as before).
 
     A hot handler takes a Starlette request whose ``app`` is the FastAPI app (for its state) and
     returns a response; a FhirError it raises is answered as FastAPI's handler would, anything
-    else as a 500 OperationOutcome, logged by type only.
+    else as a 500 OperationOutcome, logged by type only. Unlike FastAPI's error middleware, the
+    error is not raised again to uvicorn, whose log line would carry its text (patient data,
+    possibly) and traceback; the connection stays open.
     """
 
     def __init__(self, app: FastAPI, routes: dict[tuple[str, str], Handler]) -> None:
         self.app = app
         self.routes = routes
-        self.allowed: dict[str, str] = {}
-        for method, path in routes:
-            self.allowed[path] = ", ".join(filter(None, [self.allowed.get(path), method]))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in self.allowed:
+        handler = None
+        if scope["type"] == "http":
+            path = scope["path"]
+            root = scope.get("root_path", "")
+            if root and path.startswith(root):  # uvicorn prefixes it; Starlette matches without
+                path = path[len(root) :]
+            handler = self.routes.get((scope["method"], path))
+        if handler is None:
             await self.app(scope, receive, send)
             return
         scope["app"] = self.app
         request = Request(scope, receive)
-        handler = self.routes.get((scope["method"], scope["path"]))
         try:
-            if handler is None:  # as FastAPI answered it, with the methods that are
-                response = fhir_response(
-                    operation_outcome("Method Not Allowed"), 405, allow=self.allowed[scope["path"]]
-                )
-            else:
-                response = await handler(request)
+            response = await handler(request)
         except FhirError as exc:
             response = await fhir_error_handler(request, exc)
         except Exception as exc:
