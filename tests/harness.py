@@ -22,6 +22,7 @@ import yaml
 from medcourier.channels.mllp.simulator import EhrSimulator
 from medcourier.engine.api import auth
 from medcourier.engine.config import parse_config
+from medcourier.engine.event_loop import loop_factory
 from medcourier.engine.plugins import load_plugins
 from medcourier.engine.service import Engine
 
@@ -49,7 +50,7 @@ class LoopThread:
     """An asyncio loop in a daemon thread; ``run`` executes a coroutine there and waits."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = loop_factory()()  # the engine's own loop (engine/event_loop.py)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 

@@ -12,6 +12,7 @@ from medcourier import __version__
 from medcourier.engine import logging as mclog
 from medcourier.engine.config import load_config
 from medcourier.engine.errors import ConfigError, PluginError
+from medcourier.engine.event_loop import loop_factory
 from medcourier.engine.plugins import Plugins, load_plugins
 from medcourier.engine.signals import until_signalled
 
@@ -92,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.config}: OK ({len(config.routes)} route(s))")
             return 0
         if args.command == "run":
-            return asyncio.run(_run(args.config, plugins, args.role))
+            with asyncio.Runner(loop_factory=loop_factory()) as runner:  # engine/event_loop.py
+                return runner.run(_run(args.config, plugins, args.role))
         if args.command == "render":
             from medcourier.engine.render_cli import render_command
 

@@ -158,6 +158,7 @@ class Engine:
             instance=self.config.settings.instance,
             broker="embedded" if self.embedded else "amqp",
             store="sqlite" if self.store.sync.is_sqlite else "postgresql",
+            event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],  # uvloop?
         )
 
     async def _rebuild_queues(self) -> None:
