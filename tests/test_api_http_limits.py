@@ -101,22 +101,8 @@ def test_headers_within_the_limit_are_served(eng: Running) -> None:
 def test_a_large_body_sent_with_its_head_is_not_taken_for_headers(eng: Running) -> None:
     """One send of head and a 400 KB body, twice on one connection: both are accepted."""
     patient = eng.patient(name=[{"family": "Limite"}])
-    document = pdf_bytes(300 * 1024)
-    body = json.dumps(
-        {
-            "resourceType": "Parameters",
-            "parameter": [
-                {"name": "subject", "valueReference": {"reference": f"Patient/{patient}"}},
-                {"name": "payload", "valueString": base64.b64encode(document).decode()},
-            ],
-        }
-    ).encode()
-    assert len(body) > 4 * MAX_HEAD_BYTES
-    request = (
-        b"POST /fhir/CommunicationRequest/$send-to-ehr HTTP/1.1\r\nHost: t\r\n"
-        b"Authorization: Bearer %s\r\nContent-Type: application/fhir+json\r\n"
-        b"Content-Length: %d\r\n\r\n" % (TOKEN.encode(), len(body))
-    ) + body
+    request = _send_request(eng, patient, pdf_bytes(300 * 1024))
+    assert len(request) > 4 * MAX_HEAD_BYTES
     s = _connect(eng)
     try:
         answers = []

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from medcourier.loadgen.http_client import HttpConnection, HttpFailure
+from medcourier.loadgen.http_client import MAX_ANSWER_BYTES, HttpConnection, HttpFailure
 from tests.harness import free_port
 
 HOST = "127.0.0.1"
@@ -69,6 +69,27 @@ def scenario(handler: Handler, client: Callable[[str], Awaitable[Any]]) -> tuple
 
     result = asyncio.run(run())
     return result, connections
+
+
+def failure_of(
+    method: str = "POST",
+    body: bytes = b"x",
+    headers: dict[str, str] | None = None,
+    max_answer: int = MAX_ANSWER_BYTES,
+) -> Callable[[str], Awaitable[str]]:
+    """A client that sends one request and returns its failure kind ("answered" if none)."""
+
+    async def client(base: str) -> str:
+        conn = HttpConnection(base, headers or {}, timeout=5, max_answer=max_answer)
+        try:
+            await conn.request(method, "/", body)
+        except HttpFailure as exc:
+            return exc.kind
+        finally:
+            conn.close()
+        return "answered"
+
+    return client
 
 
 async def echo_forever(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -194,17 +215,7 @@ def test_hang_up_in_the_middle_of_the_answer_is_a_connection_failure() -> None:
         writer.write(answer(b"0123456789")[:-4])
         await writer.drain()
 
-    async def client(base: str) -> str:
-        conn = HttpConnection(base, {}, timeout=5)
-        try:
-            await conn.request("POST", "/", b"x")
-        except HttpFailure as exc:
-            return exc.kind
-        finally:
-            conn.close()
-        return "answered"
-
-    kind, _ = scenario(half, client)
+    kind, _ = scenario(half, failure_of())
     assert kind == "connection"
 
 
@@ -215,17 +226,7 @@ def test_an_answer_that_is_not_http_is_a_bad_answer() -> None:
         await writer.drain()
         await reader.read()
 
-    async def client(base: str) -> str:
-        conn = HttpConnection(base, {}, timeout=5)
-        try:
-            await conn.request("POST", "/", b"x")
-        except HttpFailure as exc:
-            return exc.kind
-        finally:
-            conn.close()
-        return "answered"
-
-    kind, _ = scenario(mllp, client)
+    kind, _ = scenario(mllp, failure_of())
     assert kind == "bad-answer"
 
 
@@ -258,17 +259,7 @@ def test_answer_over_the_limit_is_a_bad_answer() -> None:
         await writer.drain()
         await reader.read()
 
-    async def client(base: str) -> str:
-        conn = HttpConnection(base, {}, timeout=5, max_answer=1000)
-        try:
-            await conn.request("GET", "/")
-        except HttpFailure as exc:
-            return exc.kind
-        finally:
-            conn.close()
-        return "answered"
-
-    kind, _ = scenario(big, client)
+    kind, _ = scenario(big, failure_of("GET", b"", max_answer=1000))
     assert kind == "bad-answer"
 
 
@@ -343,17 +334,7 @@ def test_bytes_the_server_sends_unasked_are_not_taken_for_the_next_answer() -> N
 
 
 def test_a_header_http_cannot_carry_is_a_failure_of_the_request() -> None:
-    async def client(base: str) -> str:
-        conn = HttpConnection(base, {"X-Bad": "a\r\nb"}, timeout=5)
-        try:
-            await conn.request("GET", "/")
-        except HttpFailure as exc:
-            return exc.kind
-        finally:
-            conn.close()
-        return "answered"
-
-    kind, _ = scenario(echo_forever, client)
+    kind, _ = scenario(echo_forever, failure_of("GET", b"", headers={"X-Bad": "a\r\nb"}))
     assert kind == "connection"
 
 

@@ -39,20 +39,7 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 def accept(store: Store, txid: str, payload: bytes, routes: list[str]) -> None:
     with store.engine.begin() as c:
-        store.tx_accept_document(
-            c,
-            transaction_id=txid,
-            created_at=AT,
-            content_type="application/pdf",
-            document_type="11488-4",
-            title="Compte rendu",
-            sender_identifier=None,
-            sender_application="tests",
-            patient_id="p1",
-            encounter_id="e1",
-            payload=payload,
-            routes=routes,
-        )
+        store.tx_accept_document(c, **{**_document(txid, routes), "payload": payload})
 
 
 def accept_through_sqlalchemy(
@@ -62,15 +49,11 @@ def accept_through_sqlalchemy(
         c.execute(
             documents.insert(),
             {
-                "transaction_id": txid,
-                "created_at": AT,
-                "content_type": "application/pdf",
-                "document_type": "11488-4",
-                "title": "Compte rendu",
-                "sender_identifier": None,
-                "sender_application": "tests",
-                "patient_id": "p1",
-                "encounter_id": "e1",
+                **{
+                    k: v
+                    for k, v in _document(txid, routes).items()
+                    if k not in ("payload", "routes")
+                },
                 "payload_size": len(payload),
             },
         )
@@ -301,7 +284,7 @@ def _document(txid: str, routes: list[str]) -> dict[str, object]:
         "sender_identifier": None,
         "sender_application": "tests",
         "patient_id": "p1",
-        "encounter_id": None,
+        "encounter_id": "e1",
         "payload": pdf_bytes(),
         "routes": routes,
     }
