@@ -11,7 +11,7 @@ import base64
 import os
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -296,3 +296,40 @@ def status():
     return found
 """
 """The memory reader of the scripts that the memory tests run in a fresh process (Linux)."""
+
+
+ServerHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def against_server(
+    handler: ServerHandler,
+    client: Callable[[str, int], Awaitable[T]],
+    limit: int | None = None,
+) -> tuple[T, int]:
+    """Run ``client(host, port)`` against a small TCP server on 127.0.0.1 whose connections
+    ``handler`` serves (a misbehaving listener, say); return what the client returned and how
+    many connections the server accepted. A handler's read errors end its connection quietly."""
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            await handler(reader, writer)
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def run() -> T:
+        options = {} if limit is None else {"limit": limit}
+        server = await asyncio.start_server(serve, "127.0.0.1", 0, **options)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            return await client("127.0.0.1", port)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    result = asyncio.run(run())
+    return result, connections

@@ -32,7 +32,15 @@ from medcourier.loadgen.progress import Progress, Snapshot, render
 from medcourier.loadgen.report import Report, percentile
 from medcourier.loadgen.runner import Schedule, SetupError
 from medcourier.transforms.hl7v2.inbound import parse_adt, parse_document_message
-from tests.harness import TOKEN, LoopThread, Running, eventually, free_port, running_engine
+from tests.harness import (
+    TOKEN,
+    LoopThread,
+    Running,
+    against_server,
+    eventually,
+    free_port,
+    running_engine,
+)
 
 HOST = "127.0.0.1"
 
@@ -270,31 +278,14 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 def _against(handler: Handler, count: int, timeout: float = 10.0) -> tuple[dict[str, Any], int]:
     """Run the load against a server with ``handler``; return the report and the number of
     connections it accepted."""
-    connections = 0
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        try:
-            await handler(reader, writer)
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    async def scenario() -> dict[str, Any]:
-        server = await asyncio.start_server(serve, HOST, 0, limit=stream_limit())
-        port = server.sockets[0].getsockname()[1]
-        try:
-            report = await run_mllp(
-                MllpTarget(HOST, port, timeout), MessageSource("adt", 1024), Schedule(count=count)
-            )
-        finally:
-            server.close()
-            await server.wait_closed()
+    async def load(host: str, port: int) -> dict[str, Any]:
+        report = await run_mllp(
+            MllpTarget(host, port, timeout), MessageSource("adt", 1024), Schedule(count=count)
+        )
         return report.to_json()
 
-    data = asyncio.run(scenario())
+    data, connections = against_server(handler, load, limit=stream_limit())
     _consistent(data)
     return data, connections
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from medcourier.loadgen.http_client import MAX_ANSWER_BYTES, HttpConnection, HttpFailure
-from tests.harness import free_port
+from tests.harness import against_server, free_port
 
 HOST = "127.0.0.1"
 
@@ -46,29 +46,11 @@ def answer(body: bytes, status: int = 200, extra: bytes = b"") -> bytes:
 def scenario(handler: Handler, client: Callable[[str], Awaitable[Any]]) -> tuple[Any, int]:
     """Run ``client`` (given the server's base URL) against ``handler``; return what it
     returned and how many connections the server accepted."""
-    connections = 0
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        try:
-            await handler(reader, writer)
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
+    async def on(host: str, port: int) -> Any:
+        return await client(f"http://{host}:{port}")
 
-    async def run() -> Any:
-        server = await asyncio.start_server(serve, HOST, 0)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            return await client(f"http://{HOST}:{port}")
-        finally:
-            server.close()
-            await server.wait_closed()
-
-    result = asyncio.run(run())
-    return result, connections
+    return against_server(handler, on)
 
 
 def failure_of(
