@@ -258,7 +258,7 @@ class Store(DirectoryStore, ResourceStore):
             rest = {"data": payload, "routes": route_list, "status": Status.PREPARATION.value}
             c.execute(_ACCEPT_PG, {**document, **rest, "at": at})
             return
-        raw = sqlite_connection(c) if c.dialect.name == "sqlite" else None
+        raw = sqlite_connection(c)  # None off SQLite
         if raw is not None and len(payload) <= DIRECT_WRITE_BYTES:
             # on the driver itself (engine/sqlite_statements.py): SQLAlchemy's execution of these
             # four was as much of the engine's time as the HTTP handler
@@ -798,9 +798,9 @@ _STATUS_EVENT_SQLITE = DriverStatement(_STATUS_EVENT)
 
 
 def _record_statuses(c: Connection, rows: list[dict[str, Any]]) -> None:
-    """The update and the history row of each status change in ``rows`` (not on PostgreSQL,
-    which does both in ``_SET_STATUS_PG``); on SQLite's driver, as an accept's inserts."""
-    raw = sqlite_connection(c) if c.dialect.name == "sqlite" else None
+    """The update and the history row of each status change in ``rows``; on SQLite's driver, as
+    an accept's inserts. (A single change on PostgreSQL takes ``_SET_STATUS_PG`` instead.)"""
+    raw = sqlite_connection(c)  # None off SQLite
     if raw is None:
         c.execute(_SET_STATUS, rows)
         c.execute(_STATUS_EVENT, rows)
