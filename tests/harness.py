@@ -238,11 +238,22 @@ def running_engine(
 
 
 def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: the sockets are held until all are drawn, so two calls'
+    worth of ports cannot come out the same (the kernel may hand a released one out again)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    held = [socket.socket() for _ in range(count)]
+    try:
+        for s in held:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def eventually(check: Callable[[], bool], timeout: float = 20, what: str = "condition") -> None:

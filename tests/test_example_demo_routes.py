@@ -20,15 +20,10 @@ import pytest
 
 from medcourier.transforms.hprim.reader import parse_hprim
 from tests import cda_judge
-from tests.harness import eventually, free_port, pdf_bytes
+from tests.harness import eventually, free_ports, pdf_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "medcourier.engine.cli"]
-
-
-def self_ehr_port(demo: Demo) -> int:
-    demo.ehr_port = free_port()
-    return demo.ehr_port
 
 
 class Demo:
@@ -36,17 +31,18 @@ class Demo:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.http_port, self.json_port, self.dmp_port = free_port(), free_port(), free_port()
+        # drawn together: the engine's HTTP port once came out equal to the DMP simulator's
+        self.http_port, self.json_port, self.dmp_port, self.ehr_port, mllp_port = free_ports(5)
         self.token = uuid.uuid4().hex * 2
         self.data = tmp / "var"
         self.env = {
             **os.environ,
             "MEDCOURIER_API_TOKEN": self.token,
             "MEDCOURIER_HTTP_PORT": str(self.http_port),
-            "MEDCOURIER_MLLP_PORT": str(free_port()),
+            "MEDCOURIER_MLLP_PORT": str(mllp_port),
             "MEDCOURIER_DATA_DIR": str(self.data),
             "MEDCOURIER_INSTANCE": f"mcdemo-{uuid.uuid4().hex[:8]}",
-            "DEMO_EHR_MLLP": f"127.0.0.1:{self_ehr_port(self)}",
+            "DEMO_EHR_MLLP": f"127.0.0.1:{self.ehr_port}",
             "DEMO_JSON_URL": f"http://127.0.0.1:{self.json_port}/documents",
             "DEMO_DMP_URL": f"http://127.0.0.1:{self.dmp_port}",
         }
@@ -82,18 +78,20 @@ def demo(tmp_path: Path) -> Iterator[Demo]:
     d.start("simulate-json", "--port", str(d.json_port), "--out", str(tmp_path / "json"))
     d.start("simulate-ehr", "--port", str(d.ehr_port), "--out", str(tmp_path / "ehr"))
     d.start("simulate-dmp", "--port", str(d.dmp_port), "--out", str(tmp_path / "dmp"))
-    d.start("run", "--config", str(ROOT / "config/example.yaml"))
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{d.base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the engine did not start"
-        time.sleep(0.1)
-    yield d
-    d.stop()
+    try:
+        d.start("run", "--config", str(ROOT / "config/example.yaml"))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{d.base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the engine did not start"
+            time.sleep(0.1)
+        yield d
+    finally:  # the simulators too, when the engine did not start
+        d.stop()
 
 
 def _send(
