@@ -161,6 +161,14 @@ def kind(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Kind]:
     k.cleanup()
 
 
+@pytest.fixture(params=["amqp", "amqp-quorum"])
+def amqp_kind(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Kind]:
+    rabbitmq_url()
+    k = Kind(request.param, tmp_path)
+    yield k
+    k.cleanup()
+
+
 class Recorder:
     """A handler that records deliveries and lets a test wait for a number of them."""
 
@@ -363,8 +371,13 @@ def test_malformed_item_is_dropped_not_retried(kind: Kind) -> None:
     assert kind.ready_count(instance, "lab") == 0
 
 
-def test_unacknowledged_item_returns_to_queue_on_close(kind: Kind) -> None:
-    """close() while a handler keeps failing: the item stays queued for the next start."""
+def test_unacknowledged_item_returns_to_queue_on_close(amqp_kind: Kind) -> None:
+    """close() while a handler keeps failing: the item stays queued for the next start.
+
+    RabbitMQ only: the embedded queue leaves such an item to the store, see
+    ``test_embedded_items_in_memory_at_close_are_left_to_the_store``.
+    """
+    kind = amqp_kind
     instance = new_instance()
     broker = kind.make(instance, ["lab"])
     recorder = Recorder(fail=lambda item, nth: True)
@@ -937,23 +950,173 @@ def test_kombu_sqlalchemy_requeue_goes_to_the_tail(tmp_path: Path) -> None:
     assert order == [b"second", b"first"]
 
 
-def test_embedded_compacts_acknowledged_rows(tmp_path: Path) -> None:
+def file_rows(path: Path, queue: str) -> int:
+    """Rows of ``queue`` in the embedded queue file, as sqlite3 (not the broker) sees them."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        row = db.execute(
+            "SELECT count(*) FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id"
+            " WHERE q.name = ?",
+            (queue,),
+        ).fetchone()
+    return int(row[0])
+
+
+def embedded(path: Path, instance: str) -> EmbeddedBroker:
+    return EmbeddedBroker(path, instance, polling_interval=0.01, requeue_delay=0.05)
+
+
+def test_embedded_deletes_the_rows_it_takes_and_keeps_the_file_in_wal(tmp_path: Path) -> None:
     path = tmp_path / "queue.sqlite"
-    broker = EmbeddedBroker(path, "compact", polling_interval=0.01, compact_every=5)
+    broker = embedded(path, "take")
     recorder = Recorder()
 
     async def scenario() -> None:
         await broker.start(["lab"])
         for i in range(10):
             await broker.publish(WorkItem(f"tx-{i}", "lab"))
+        assert file_rows(path, "take.route.lab") == 10  # nobody consumes yet: in the file
         await broker.consume("lab", recorder)
         await recorder.wait_for(10)
-        await asyncio.sleep(0.1)
 
     run(closing(broker, scenario))
+    assert recorder.done == [f"tx-{i}" for i in range(10)]
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT count(*) FROM kombu_message").fetchone() == (0,)
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_embedded_queues_in_memory_once_this_process_consumes_the_route(tmp_path: Path) -> None:
+    """A consumed route's publishes never touch the file; another route's still do."""
+    path = tmp_path / "queue.sqlite"
+    broker = embedded(path, "mem")
+    release = asyncio.Event()
+
+    async def held(item: WorkItem) -> None:
+        await release.wait()
+
+    async def scenario() -> tuple[int, int, int]:
+        await broker.start(["lab", "adt"])
+        await broker.consume("lab", held)
+        for i in range(5):
+            await broker.publish(WorkItem(f"tx-{i}", "lab"))
+        await broker.publish(WorkItem("adt-0", "adt"))
+        await asyncio.sleep(0.05)
+        waiting = broker.waiting("lab")  # one is being handled
+        rows = file_rows(path, "mem.route.lab"), file_rows(path, "mem.route.adt")
+        release.set()
+        return waiting, *rows
+
+    waiting, lab_rows, adt_rows = run(closing(broker, scenario))
+    assert (waiting, lab_rows, adt_rows) == (4, 0, 1)
+
+
+def test_embedded_consumer_takes_what_another_process_queues_in_order(tmp_path: Path) -> None:
+    """``medcourier replay`` run beside the engine: its publishes reach the running consumer,
+    after what the file held at the consumer's start and in the order they were made."""
+    path = tmp_path / "queue.sqlite"
+    engine, command = embedded(path, "cross"), embedded(path, "cross")
+    recorder = Recorder()
+
+    async def scenario() -> None:
+        await engine.start(["lab"])
+        await engine.publish(WorkItem("before-0", "lab"))  # the start-up rebuild's publishes
+        await engine.consume("lab", recorder)
+        await engine.publish(WorkItem("local-0", "lab"))
+        await command.start(["lab"])
+        try:
+            for i in range(5):
+                await command.publish(WorkItem(f"replay-{i}", "lab"))
+        finally:
+            await command.close()
+        await recorder.wait_for(7)
+        await recorder.settle(0.1)
+
+    run(closing(engine, scenario))
+    assert recorder.done == ["before-0", "local-0"] + [f"replay-{i}" for i in range(5)]
+    assert file_rows(path, "cross.route.lab") == 0
+
+
+def test_embedded_items_in_memory_at_close_are_left_to_the_store(tmp_path: Path) -> None:
+    """close() drops what waits in memory (the store re-queues it at the next start) and puts
+    nothing in the file, where the next start's purge would drop it anyway."""
+    path = tmp_path / "queue.sqlite"
+    broker = embedded(path, "left")
+    recorder = Recorder(fail=lambda item, nth: True)
+
+    async def scenario() -> None:
+        await broker.start(["lab"])
+        await broker.consume("lab", recorder)
+        for i in range(3):
+            await broker.publish(WorkItem(f"tx-{i}", "lab"))
+        while len(recorder.calls) < 2:
+            await asyncio.sleep(0.01)
+
+    with capture_logs() as logs:
+        run(closing(broker, scenario))
+    assert set(recorder.calls) == {"tx-0"}  # retried in place, the others waited
+    assert recorder.done == []
+    assert file_rows(path, "left.route.lab") == 0
+    left = [e for e in logs if e["event"] == "broker.items_left_to_the_store"]
+    assert [e["count"] for e in left] == [2]
+
+
+def test_embedded_dead_letters_stay_in_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "queue.sqlite"
+    broker = embedded(path, "dead")
+
+    async def scenario() -> None:
+        await broker.start(["lab"])
+        await broker.consume("lab", Recorder())
+        await broker.dead_letter(WorkItem("tx-gone", "lab", attempt=5), "gave up")
+
+    run(closing(broker, scenario))
+    assert file_rows(path, "dead.route.lab.dead") == 1
+
+
+@pytest.mark.parametrize("prefetch", [1, 4])
+def test_embedded_close_waits_for_a_running_handler(tmp_path: Path, prefetch: int) -> None:
+    """A handler running when close() is called finishes (FIFO and parallel routes)."""
+    broker = embedded(tmp_path / "queue.sqlite", "wait")
+    started, finished = asyncio.Event(), []
+
+    async def slow(item: WorkItem) -> None:
+        started.set()
+        await asyncio.sleep(0.2)
+        finished.append(item.transaction_id)
+
+    async def scenario() -> None:
+        await broker.start(["lab"], parallel=["lab"] if prefetch > 1 else [])
+        await broker.consume("lab", slow, prefetch=prefetch)
+        await broker.publish(WorkItem("tx-slow", "lab"))
+        await started.wait()
+
+    run(closing(broker, scenario))
+    assert finished == ["tx-slow"]
+
+
+def test_embedded_parallel_route_runs_up_to_prefetch_handlers_at_once(tmp_path: Path) -> None:
+    broker = embedded(tmp_path / "queue.sqlite", "par")
+    running, peak, done = 0, 0, []
+
+    async def handler(item: WorkItem) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        done.append(item.transaction_id)
+
+    async def scenario() -> None:
+        await broker.start(["lab"], parallel=["lab"])
+        await broker.consume("lab", handler, prefetch=3)
+        for i in range(12):
+            await broker.publish(WorkItem(f"tx-{i}", "lab"))
+        while len(done) < 12:
+            await asyncio.sleep(0.01)
+
+    run(closing(broker, scenario))
+    assert peak == 3
+    assert sorted(done) == sorted(f"tx-{i}" for i in range(12))
 
 
 # --------------------------------------------------------------------------- open_broker
