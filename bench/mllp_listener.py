@@ -43,6 +43,7 @@ import structlog
 
 from medcourier.channels.mllp.framing import frame, read_frame
 from medcourier.channels.mllp.listener import ListenerOptions, MllpListener
+from medcourier.engine.event_loop import loop_factory
 from medcourier.engine.inbound import InboundDocument, InboundMessage, InboundResult, Verdict
 
 HOST = "127.0.0.1"
@@ -428,15 +429,19 @@ def main() -> int:
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error("--repeat: at least 1")
+    # Our listener and engine run on the loop `medcourier run` uses (uvloop unless
+    # MEDCOURIER_EVENT_LOOP=asyncio); python-hl7's server on asyncio's, as it ships.
     if args.serve == "medcourier":
-        asyncio.run(serve_medcourier())
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(serve_medcourier())
         return 0
     if args.serve == "python-hl7":
         asyncio.run(serve_python_hl7())
         return 0
     if args.serve and args.serve.startswith("engine-"):
         _engine, backend, ack_after = args.serve.split("-")
-        asyncio.run(serve_engine(backend, ack_after))
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(serve_engine(backend, ack_after))
         return 0
 
     connection_counts = [int(n) for n in args.connections.split(",")]
