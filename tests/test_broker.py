@@ -1119,6 +1119,237 @@ def test_embedded_parallel_route_runs_up_to_prefetch_handlers_at_once(tmp_path: 
     assert sorted(done) == sorted(f"tx-{i}" for i in range(12))
 
 
+class WindowPipeline:
+    """A ``Pipelined`` handler whose status writes the test completes: records the begins, the
+    most items begun and not yet written, and fails the begin of chosen items once."""
+
+    def __init__(self, window: int, fail_once: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        self.window = window
+        self.begun: list[str] = []
+        self.ahead_seen: list[list[str]] = []
+        self.writes: list[asyncio.Future[None]] = []
+        self.in_hand = self.max_in_hand = 0
+        self._fail_once = set(fail_once)
+
+    async def __call__(self, item: WorkItem) -> None:
+        done = await self.begin(item, [])
+        if done is not None:
+            await done
+
+    async def begin(self, item: WorkItem, ahead: Sequence[WorkItem]) -> Awaitable[None] | None:
+        if item.transaction_id in self._fail_once:
+            self._fail_once.discard(item.transaction_id)
+            raise RuntimeError("begin failure requested by the test")
+        self.begun.append(item.transaction_id)
+        self.ahead_seen.append([a.transaction_id for a in ahead])
+        self.in_hand += 1
+        self.max_in_hand = max(self.max_in_hand, self.in_hand)
+        write: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.writes.append(write)
+
+        async def written() -> None:
+            await write
+            self.in_hand -= 1
+
+        return written()
+
+    def finish_writes(self) -> None:
+        for write in self.writes:
+            if not write.done():
+                write.set_result(None)
+
+
+def test_embedded_pipelined_route_keeps_order_window_and_retries_in_place(tmp_path: Path) -> None:
+    broker = embedded(tmp_path / "queue.sqlite", "pipe")
+    pipeline = WindowPipeline(window=3, fail_once={"tx-2"})
+
+    async def scenario() -> None:
+        await broker.start(["lab"])
+        await broker.consume("lab", pipeline)
+        for i in range(8):
+            await broker.publish(WorkItem(f"tx-{i}", "lab"))
+        # No status write is done yet: the window holds three items taken, no more.
+        await asyncio.sleep(0.2)
+        assert pipeline.begun == ["tx-0", "tx-1", "tx-2"]  # tx-2 on its second try
+        assert broker.waiting("lab") == 8 - 3
+        while len(pipeline.begun) < 8:
+            pipeline.finish_writes()
+            await asyncio.sleep(0.01)
+        pipeline.finish_writes()
+        await asyncio.sleep(0.05)
+
+    run(closing(broker, scenario))
+    assert pipeline.begun == [f"tx-{i}" for i in range(8)]  # tx-2 failed once, kept its place
+    assert pipeline.max_in_hand <= 3
+    assert pipeline.ahead_seen[0] == ["tx-1", "tx-2"]
+
+
+def test_embedded_close_waits_for_a_status_write_begun_while_closing(tmp_path: Path) -> None:
+    broker = EmbeddedBroker(tmp_path / "queue.sqlite", "close", requeue_delay=0.05)
+    pipeline = WindowPipeline(window=2)
+    finished: list[str] = []
+
+    async def scenario() -> None:
+        await broker.start(["lab"])
+        await broker.consume("lab", pipeline)
+        await broker.publish(WorkItem("tx-0", "lab"))
+        while not pipeline.writes:
+            await asyncio.sleep(0.01)
+
+        async def later() -> None:
+            await asyncio.sleep(0.2)
+            finished.append("write")
+            pipeline.finish_writes()
+
+        writer = asyncio.get_running_loop().create_task(later())
+        await broker.close()
+        finished.append("closed")
+        await writer
+
+    run(scenario())
+    assert finished == ["write", "closed"]
+
+
+def test_embedded_publishes_made_before_consume_come_first(tmp_path: Path) -> None:
+    """A publish still being written to the file when consume() starts is taken before the
+    publishes made after it (which go to memory)."""
+    broker = embedded(tmp_path / "queue.sqlite", "first")
+    recorder = Recorder()
+
+    async def scenario() -> None:
+        await broker.start(["lab"])
+        await asyncio.gather(
+            broker.publish(WorkItem("tx-a", "lab")),
+            broker.consume("lab", recorder),
+            broker.publish(WorkItem("tx-b", "lab")),
+        )
+        await recorder.wait_for(2)
+
+    run(closing(broker, scenario))
+    assert recorder.done == ["tx-a", "tx-b"]
+
+
+def test_embedded_publish_later_waits_and_is_dropped_while_closing(tmp_path: Path) -> None:
+    broker = embedded(tmp_path / "queue.sqlite", "later")
+    recorder = Recorder()
+
+    async def scenario() -> float:
+        await broker.start(["lab"], parallel=["lab"])
+        await broker.consume("lab", recorder, prefetch=2)
+        started = time.monotonic()
+        await broker.publish_later(WorkItem("tx-late", "lab", attempt=2), 0.3)
+        await recorder.wait_for(1)
+        return time.monotonic() - started
+
+    waited = run(closing(broker, scenario))
+    assert waited >= 0.3
+    assert recorder.done == ["tx-late"]
+
+    closing_broker = embedded(tmp_path / "queue.sqlite", "later2")
+    seen: list[str] = []
+
+    async def handler(item: WorkItem) -> None:
+        # a retry asked for while the broker closes: no error, nothing scheduled
+        await asyncio.sleep(0.1)
+        await closing_broker.publish_later(WorkItem(item.transaction_id, "lab", 2), 0.01)
+        seen.append(item.transaction_id)
+
+    async def close_during_handler() -> None:
+        await closing_broker.start(["lab"], parallel=["lab"])
+        await closing_broker.consume("lab", handler, prefetch=2)
+        await closing_broker.publish(WorkItem("tx-x", "lab"))
+        await asyncio.sleep(0.02)
+        await closing_broker.close()
+
+    run(close_during_handler())
+    assert seen == ["tx-x"]
+
+
+def test_embedded_purge_counts_what_waits_in_memory(tmp_path: Path) -> None:
+    broker = embedded(tmp_path / "queue.sqlite", "purge")
+    release = asyncio.Event()
+
+    async def held(item: WorkItem) -> None:
+        await release.wait()
+
+    async def scenario() -> tuple[int, int]:
+        await broker.start(["lab"])
+        await broker.consume("lab", held)
+        for i in range(4):
+            await broker.publish(WorkItem(f"tx-{i}", "lab"))
+        await asyncio.sleep(0.05)
+        purged = await broker.purge("lab")  # tx-0 is being handled; three wait
+        release.set()
+        return purged, broker.waiting("lab")
+
+    assert run(closing(broker, scenario)) == (3, 0)
+
+
+def test_embedded_poller_outlives_a_foreign_row(tmp_path: Path) -> None:
+    """A row the engine cannot read, put in the file by another writer, is dropped with a log
+    line; what is queued after it still reaches the running consumer."""
+    path = tmp_path / "queue.sqlite"
+    engine, command = embedded(path, "foreign"), embedded(path, "foreign")
+    recorder = Recorder()
+
+    async def scenario() -> None:
+        await engine.start(["lab"])
+        await engine.consume("lab", recorder)
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            (queue_id,) = db.execute(
+                "SELECT id FROM kombu_queue WHERE name = 'foreign.route.lab'"
+            ).fetchone()
+            for payload in ('{"properties": "x", "body": "e30="}', "not json", "[]"):
+                db.execute(
+                    "INSERT INTO kombu_message (visible, payload, version, queue_id)"
+                    " VALUES (1, ?, 1, ?)",
+                    (payload, queue_id),
+                )
+        await asyncio.sleep(0.1)
+        await command.start(["lab"])
+        try:
+            await command.publish(WorkItem("tx-after", "lab"))
+        finally:
+            await command.close()
+        await recorder.wait_for(1)
+
+    with capture_logs() as logs:
+        run(closing(engine, scenario))
+    assert recorder.done == ["tx-after"]
+    assert len([e for e in logs if e["event"] == "broker.malformed_item_dropped"]) == 3
+    assert not [e for e in logs if e["event"] == "broker.poller_stopped"]
+
+
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_embedded_consumer_restarts_when_a_handler_ends_it(tmp_path: Path, prefetch: int) -> None:
+    """A handler raising CancelledError (not a failure the contract knows) ends the consumer
+    task: its item goes back to the head of the queue and the consumer starts again."""
+    broker = embedded(tmp_path / "queue.sqlite", "restart")
+    calls: list[str] = []
+    done: list[str] = []
+
+    async def handler(item: WorkItem) -> None:
+        calls.append(item.transaction_id)
+        if calls.count(item.transaction_id) == 1 and item.transaction_id == "tx-0":
+            raise asyncio.CancelledError  # a connector's own cancellation leaking out
+        done.append(item.transaction_id)
+
+    async def scenario() -> None:
+        await broker.start(["lab"], parallel=["lab"] if prefetch > 1 else [])
+        await broker.consume("lab", handler, prefetch=prefetch)
+        for i in range(3):
+            await broker.publish(WorkItem(f"tx-{i}", "lab"))
+        while len(done) < 3:
+            await asyncio.sleep(0.01)
+
+    with capture_logs() as logs:
+        run(closing(broker, scenario), timeout=10)
+    assert sorted(done) == ["tx-0", "tx-1", "tx-2"]
+    if prefetch == 1:
+        assert done == ["tx-0", "tx-1", "tx-2"]  # FIFO: it kept its place
+        assert [e["route"] for e in logs if e["event"] == "broker.consumer_restarted"] == ["lab"]
+
+
 # --------------------------------------------------------------------------- open_broker
 
 

@@ -50,6 +50,8 @@ class _Server(uvicorn.Server):
 ROLES = ("all", "api", "listener", "worker")
 # How long an unfinished delivery must have been left alone before start-up queues it again.
 ORPHAN_AFTER = timedelta(minutes=5)
+#: Unfinished deliveries queued at once when the embedded engine rebuilds its queues.
+REBUILD_BATCH = 1000
 
 
 def route_broker(config: Config) -> Broker:
@@ -101,7 +103,7 @@ class Engine:
         self.store = AsyncStore(Store(s.store, s.data_dir))
         self.broker: Broker = route_broker(config)
         # RabbitMQ hands unacknowledged items back after a crash; the embedded queue does not.
-        self.embedded = not (s.broker or "").startswith(("amqp://", "amqps://"))
+        self.embedded = not (s.broker or "").strip().lower().startswith(("amqp://", "amqps://"))
         self.router = Router(config.routes)
         self.workers: dict[str, RouteWorker] = {}
         self.base_url = s.http.base_url()
@@ -167,9 +169,11 @@ class Engine:
             await self.broker.purge(name)
         routes = {r.name for r in self.config.routes}
         pending = await self.store.run(self.store.sync.unfinished)
-        for txid, route in pending:
-            if route in routes:
-                await self.broker.publish(WorkItem(txid, route))
+        items = [WorkItem(txid, route) for txid, route in pending if route in routes]
+        # Published together, a thousand at a time: the queue file takes each batch in one
+        # transaction (nothing consumes yet), in this order.
+        for start in range(0, len(items), REBUILD_BATCH):
+            await asyncio.gather(*map(self.broker.publish, items[start : start + REBUILD_BATCH]))
         if pending:
             log.info("work recovered from the store", count=len(pending))
 

@@ -7,8 +7,10 @@ documents live in the store. Two implementations:
   confirms are pipelined: every publish registers a future for its delivery tag and many are in
   flight at once, so concurrent senders are answered as their confirms arrive instead of paying one
   round trip each (the ~890/s ceiling measured in ARCHITECTURE.md).
-- ``sqlite://`` (the embedded default) — kombu's SQLAlchemy transport on a SQLite file under the
-  data directory, driven from worker threads.
+- ``sqlite://`` (the embedded default) — the route queues of the process that consumes them in
+  its memory, and kombu's SQLAlchemy tables in a SQLite file under the data directory for what
+  another process queues and for dead letters (broker/embedded.py: the store is the durable
+  record there, and start-up rebuilds the queues from it).
 
 Queue and exchange names are prefixed by the engine's instance name so several engines (and test
 runs) share one broker without taking each other's work.
@@ -179,7 +181,9 @@ class Broker(Protocol):
         """Connect and declare the durable queues of ``routes`` (``parallel``: not FIFO)."""
 
     async def publish(self, item: WorkItem) -> None:
-        """Return once the item is durably queued (confirmed); raise BrokerError otherwise."""
+        """Return once the item is queued (RabbitMQ: confirmed; embedded: in memory, or
+        committed to the file by a process that does not consume the route); raise BrokerError
+        otherwise."""
 
     async def publish_later(self, item: WorkItem, delay: float) -> None:
         """Queue ``item`` on its route after ``delay`` seconds (a retry's wait)."""
@@ -194,7 +198,8 @@ class Broker(Protocol):
         """Drop every item of the route's queue; returns how many were dropped."""
 
     async def close(self) -> None:
-        """Stop consumers and disconnect; unacknowledged items go back to their queues."""
+        """Stop consumers and disconnect; unacknowledged items go back to their queues
+        (RabbitMQ), or to the store's next rebuild (embedded)."""
 
 
 def queue_name(instance: str, route: str) -> str:

@@ -54,7 +54,7 @@ import threading
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -177,11 +177,13 @@ class EmbeddedBroker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._stopped = asyncio.Event()
+        # Closing: consumers stop; closed: the file is closed too (nothing more is queued).
+        self._closing = False
         self._closed = False
-        self._timers: set[asyncio.TimerHandle] = set()
         self._due: set[asyncio.Task[None]] = set()
         # Route -> its queue in memory, for the routes this process consumes.
         self._local: dict[str, _RouteQueue] = {}
+        self._consumers: dict[str, tuple[Handler, int]] = {}
         self._tasks: dict[str, set[asyncio.Task[None]]] = {}
         self._poller: asyncio.Task[None] | None = None
         # Owned by the file thread only.
@@ -206,7 +208,7 @@ class EmbeddedBroker:
 
     async def start(self, routes: list[str], parallel: Collection[str] = ()) -> None:
         """Create the file if needed, declare the routes' queues, open the file's thread."""
-        if self._executor is not None or self._closed:
+        if self._executor is not None or self._closing:
             raise BrokerError("EmbeddedBroker.start() called twice or after close()")
         self._loop = asyncio.get_running_loop()
         _configure_kombu_models(self._url)
@@ -238,17 +240,15 @@ class EmbeddedBroker:
         A handler running when close() is called is given ``close_timeout`` to finish (a
         pipelined route's status writes too); one still running then is cancelled. Items still
         waiting in memory are dropped: their deliveries are unfinished in the store, and the next
-        start queues them again.
+        start queues them again. Until the consumers are done, their handlers can still queue
+        dead letters; retries they ask for are left to the store as well.
         """
-        if self._closed:
+        if self._closing:
             return
-        self._closed = True
+        self._closing = True
         self._stopped.set()
-        for handle in self._timers:
-            handle.cancel()  # the store re-queues those deliveries at the next start
-        self._timers.clear()
         for task in list(self._due):
-            task.cancel()
+            task.cancel()  # retries waiting: the store re-queues them at the next start
         if self._poller is not None:
             self._poller.cancel()
         for local in self._local.values():
@@ -259,6 +259,7 @@ class EmbeddedBroker:
             log.info("broker.items_left_to_the_store", count=left)
         self._local.clear()
         self._tasks.clear()
+        self._closed = True
         executor, self._executor = self._executor, None
         if executor is not None:
             await asyncio.get_running_loop().run_in_executor(executor, self._close_file)
@@ -376,32 +377,30 @@ class EmbeddedBroker:
         return found
 
     async def publish_later(self, item: WorkItem, delay: float) -> None:
-        """Publish ``item`` after ``delay`` seconds, from a timer of this process.
+        """Publish ``item`` after ``delay`` seconds, from a task of this process.
 
         The wait is not durable, the delivery is: it stays unfinished in the store, and start-up
-        re-queues every unfinished delivery, so a wait cut short by a crash is only shortened.
+        re-queues every unfinished delivery, so a wait cut short by a crash or a stop is only
+        shortened. While closing, nothing is scheduled (for the same reason), so a worker is not
+        told to wait out its retry delay in place.
         """
-        if self._closed:
-            raise BrokerError("the embedded broker is closed: the item was not queued")
-        loop = asyncio.get_running_loop()
-        handle = loop.call_later(delay, self._publish_due, item)
-        self._timers.add(handle)
-
-    def _publish_due(self, item: WorkItem) -> None:
-        task = asyncio.get_running_loop().create_task(self._publish_retry(item))
+        if self._closing:
+            return
+        task = asyncio.get_running_loop().create_task(self._publish_after(item, delay))
         self._due.add(task)
         task.add_done_callback(self._due.discard)
 
-    async def _publish_retry(self, item: WorkItem) -> None:
-        delay = 0.5
-        while not self._closed:
+    async def _publish_after(self, item: WorkItem, delay: float) -> None:
+        await asyncio.sleep(delay)
+        wait = 0.5
+        while not self._closing:
             try:
                 await self.publish(item)
                 return
             except BrokerError as exc:
                 log.warning("broker.delayed_publish_failed", route=item.route, error=str(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 10.0)
 
     async def dead_letter(self, item: WorkItem, reason: str) -> None:
         """Keep the item in the file's ``<queue>.dead`` for an operator (durable)."""
@@ -425,44 +424,78 @@ class EmbeddedBroker:
     async def consume(self, route: str, handler: Handler, prefetch: int = 1) -> None:
         """Start the route's consumer on the event loop; returns once it runs.
 
-        What waits in the file for the route goes first, ahead of what this process publishes
-        from now on (which goes to memory). With ``prefetch`` above 1 (a parallel route) up to
-        that many handlers run at once. A FIFO route whose handler is ``Pipelined`` takes up to
-        its ``window`` ahead.
+        What waits in the file for the route goes first (publishes of this process still being
+        written there included), ahead of what this process publishes from now on (which goes
+        to memory). With ``prefetch`` above 1 (a parallel route) up to that many handlers run
+        at once. A FIFO route whose handler is ``Pipelined`` takes up to its ``window`` ahead.
         """
-        if self._loop is None or self._closed:
+        if self._loop is None or self._closing:
             raise BrokerError("EmbeddedBroker.consume() needs a started, open broker")
         if route in self._local:
             raise BrokerError(f"route {route!r} already has a consumer")
         local = self._local[route] = _RouteQueue()
         queue = queue_name(self._instance, route)
         try:
+            if self._outbox_task is not None:  # published before this call: in the file first
+                await asyncio.wait({self._outbox_task})
             waiting = await self._in_file(self._take_all, queue)
         except BrokerError as exc:
             self._local.pop(route, None)
             raise BrokerError(f"cannot consume route {route!r}: {exc}") from exc
         # Published meanwhile went to memory, behind what was in the file.
         local.items.extendleft(reversed(_items_of(route, waiting)))
+        self._consumers[route] = (handler, prefetch)
+        self._tasks[route] = set()
+        self._run_consumer(route)
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll_file())
+            self._poller.add_done_callback(_log_end("broker.poller_stopped"))
+
+    def _run_consumer(self, route: str) -> None:
+        """Start the route's consumer task, and again if it ends before the broker closes.
+
+        A handler is expected to raise ``Exception`` for a failure; one raising something else
+        (``CancelledError`` from a connector, an exception group) ends the consumer task. The
+        item it held goes back to the head of the route's queue and the consumer starts again,
+        rather than leaving a route that accepts documents and never delivers them.
+        """
+        if self._closing:
+            return
+        handler, prefetch = self._consumers[route]
+        local, tasks = self._local[route], self._tasks[route]
         pipeline = pipeline_of(handler, prefetch)
-        tasks = self._tasks[route] = set()
-        loop = asyncio.get_running_loop()
+        body: Coroutine[Any, Any, None]
         if pipeline is not None:
             body = self._consume_pipelined(route, pipeline, local, tasks)
         elif prefetch <= 1:
             body = self._consume_fifo(route, handler, local)
         else:
             body = self._consume_parallel(route, handler, local, prefetch, tasks)
-        tasks.add(loop.create_task(body, name=route))
-        if self._poller is None:
-            self._poller = loop.create_task(self._poll_file())
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(body, name=route)
+        tasks.add(task)
+
+        def ended(done: asyncio.Task[None]) -> None:
+            tasks.discard(done)
+            if self._closing:
+                return
+            if done.cancelled():
+                error = "CancelledError"
+            else:
+                failure = done.exception()
+                error = type(failure).__name__ if failure is not None else "its pipeline ended"
+            log.error("broker.consumer_restarted", route=route, error=error)
+            loop.call_later(self._requeue_delay, self._run_consumer, route)
+
+        task.add_done_callback(ended)
 
     async def _consume_fifo(self, route: str, handler: Handler, local: _RouteQueue) -> None:
         """One item at a time, in order, each retried in place until it succeeds."""
-        while not self._closed:
+        while not self._closing:
             if not local.items:
                 await local.changed()
                 continue
-            if not await self._deliver(route, handler, local.items.popleft()):
+            if not await self._deliver_or_give_back(route, handler, local, local.items.popleft()):
                 return
 
     async def _consume_parallel(
@@ -476,25 +509,40 @@ class EmbeddedBroker:
         """Up to ``prefetch`` handlers at once, each item retried in place in its own slot."""
         slots = asyncio.Semaphore(prefetch)
         loop = asyncio.get_running_loop()
-        while not self._closed:
+        while not self._closing:
             if not local.items:
                 await local.changed()
                 continue
             await slots.acquire()
-            if self._closed or not local.items:  # closed or purged while waiting for a slot
+            if self._closing or not local.items:  # closed or purged while waiting for a slot
                 slots.release()
                 continue
             item = local.items.popleft()
 
             async def in_slot(item: WorkItem = item) -> None:
                 try:
-                    await self._deliver(route, handler, item)
+                    await self._deliver_or_give_back(route, handler, local, item)
                 finally:
                     slots.release()
 
             task = loop.create_task(in_slot(), name=route)
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+            task.add_done_callback(_log_end("broker.handler_ended", route))
+
+    async def _deliver_or_give_back(
+        self, route: str, handler: Handler, local: _RouteQueue, item: WorkItem
+    ) -> bool:
+        """``_deliver``; an item whose handler ended it otherwise than by ``Exception`` goes
+        back to the head of the queue (for the restarted consumer)."""
+        delivered = False
+        try:
+            delivered = await self._deliver(route, handler, item)
+        finally:
+            if not delivered and not self._closing:
+                local.items.appendleft(item)
+                local.wake()
+        return delivered
 
     async def _deliver(self, route: str, handler: Handler, item: WorkItem) -> bool:
         """Run the handler until it succeeds; False when the broker closed first."""
@@ -511,7 +559,7 @@ class EmbeddedBroker:
                 )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), self._requeue_delay)
-            if self._closed:
+            if self._closing:
                 return False
 
     async def _consume_pipelined(
@@ -543,28 +591,38 @@ class EmbeddedBroker:
         tasks.add(runner)
         runner.add_done_callback(lambda _: local.wake())
         try:
-            while not self._closed and not runner.done():
+            while not self._closing and not runner.done():
                 while held < pipeline.window and local.items:
                     held += 1
                     lane.put(None, local.items.popleft())
                 await local.changed()
         finally:
             lane.close()
+            if not self._closing:
+                # The pipeline ended under us: what it had not begun goes back, in order. The
+                # item it was on, if any, is left to the store (the next start).
+                local.items.extendleft(reversed(lane.ahead()))
+        if runner.done() and not runner.cancelled() and runner.exception() is not None:
+            raise cast(BaseException, runner.exception())
 
     async def _poll_file(self) -> None:
-        """Move what other processes queued in the file to the consumed routes' memory."""
-        while not self._closed:
+        """Move what other processes queued in the file to the consumed routes' memory.
+
+        A take cut short by close() loses its rows from the file only: their deliveries are
+        unfinished in the store, which the next start queues again.
+        """
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), self._polling_interval)
-            if self._closed:
+            if self._closing:
                 return
             routes = list(self._local)
             try:
                 found = await self._in_file(
                     self._take_waiting, [queue_name(self._instance, r) for r in routes]
                 )
-            except BrokerError as exc:
-                log.warning("broker.poll_failed", error=str(exc))
+            except Exception as exc:
+                log.warning("broker.poll_failed", error=type(exc).__name__)
                 continue
             for route, rows in zip(routes, found, strict=True):
                 local = self._local.get(route)
@@ -575,17 +633,29 @@ class EmbeddedBroker:
 
     def _take_all(self, queue: str) -> list[str]:
         """File thread: every row waiting in ``queue``, oldest first, deleted as taken."""
-        db = self._file_db()
-        queue_id = self._queue_id(db, queue)
         taken: list[str] = []
-        while rows := _take(db, queue_id, _TAKE_BATCH):
+        while rows := self._take_waiting([queue])[0]:
             taken.extend(rows)
         return taken
 
     def _take_waiting(self, queues: list[str]) -> list[list[str]]:
-        """File thread: up to a batch of each queue's waiting rows (a read when there is none)."""
+        """File thread: up to a batch of each queue's waiting rows' payloads, oldest first,
+        deleted in one transaction for all of them (so a failure takes none). Queues with
+        nothing waiting cost a read each."""
         db = self._file_db()
-        return [_take(db, self._queue_id(db, queue), _TAKE_BATCH) for queue in queues]
+        ids = [self._queue_id(db, queue) for queue in queues]
+        if not any(db.execute(_TAKE, (queue_id, 1)).fetchone() for queue_id in ids):
+            return [[] for _ in ids]
+        with _write_transaction(db):
+            found = [
+                [(int(r[0]), str(r[1])) for r in db.execute(_TAKE, (queue_id, _TAKE_BATCH))]
+                for queue_id in ids
+            ]
+            db.executemany(
+                "DELETE FROM kombu_message WHERE id = ?",
+                [(row_id,) for rows in found for row_id, _ in rows],
+            )
+        return [[payload for _, payload in rows] for rows in found]
 
     def _file_db(self) -> sqlite3.Connection:
         db = self._pub_db
@@ -600,9 +670,19 @@ def _items_of(route: str, payloads: list[str]) -> list[WorkItem]:
     for payload in payloads:
         try:
             items.append(_item_of(payload))
-        except (ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # whatever another writer put there: not ours to stop on
             log.error("broker.malformed_item_dropped", route=route, error=type(exc).__name__)
     return items
+
+
+def _log_end(event: str, route: str | None = None) -> Callable[[asyncio.Task[None]], None]:
+    """A done-callback logging how a background task ended, when it failed."""
+
+    def ended(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error(event, route=route or task.get_name(), error=type(task.exception()).__name__)
+
+    return ended
 
 
 def _open_queue_file(path: Path) -> sqlite3.Connection:
@@ -673,14 +753,3 @@ _TAKE = (
     "SELECT id, payload FROM kombu_message WHERE queue_id = ? AND visible != 0"
     " ORDER BY timestamp, id LIMIT ?"
 )
-
-
-def _take(db: sqlite3.Connection, queue_id: int, most: int) -> list[str]:
-    """Up to ``most`` of the queue's waiting rows' payloads, oldest first, deleted in one
-    transaction. An empty queue costs a read only."""
-    if not db.execute(_TAKE, (queue_id, 1)).fetchone():
-        return []
-    with _write_transaction(db):
-        rows = [(int(r[0]), str(r[1])) for r in db.execute(_TAKE, (queue_id, most))]
-        db.executemany("DELETE FROM kombu_message WHERE id = ?", [(r[0],) for r in rows])
-    return [payload for _, payload in rows]
