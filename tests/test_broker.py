@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import pika
 import pika.exceptions
 import pytest
+import yaml
 from kombu import Connection, Producer, Queue
 from pika.channel import Channel
 from structlog.testing import capture_logs
@@ -32,12 +33,16 @@ from medcourier.engine.broker import (
     WorkItem,
     dead_letter_queue_name,
     exchange_name,
+    is_amqp_url,
     open_broker,
     queue_name,
 )
 from medcourier.engine.broker.amqp import AmqpBroker, amqp_parameters
 from medcourier.engine.broker.embedded import EmbeddedBroker
+from medcourier.engine.config import parse_config
 from medcourier.engine.errors import BrokerError
+from medcourier.engine.plugins import load_plugins
+from medcourier.engine.service import Engine
 from tests.services import rabbitmq_url
 
 T = TypeVar("T")
@@ -1366,6 +1371,23 @@ def test_open_broker_chooses_by_scheme(tmp_path: Path) -> None:
     assert absolute.path == tmp_path / "abs.sqlite"
     assert isinstance(open_broker("amqp://guest:guest@127.0.0.1:5672//", "i", tmp_path), AmqpBroker)
     assert isinstance(open_broker("amqps://u:p@mq.example//", "i", tmp_path), AmqpBroker)
+
+
+def test_the_engine_and_open_broker_agree_on_what_is_rabbitmq(tmp_path: Path) -> None:
+    """An engine that took RabbitMQ for its embedded queue would purge the shared queues at
+    start-up (its rebuild from the store)."""
+    for url in ("AMQP://guest:guest@127.0.0.1:5672//", " amqps://u:p@mq.example// "):
+        assert is_amqp_url(url)
+        assert isinstance(open_broker(url, "i", tmp_path), AmqpBroker)
+        config = parse_config(
+            yaml.safe_dump({"broker": url, "data_dir": str(tmp_path), "routes": []}),
+            load_plugins(),
+            "t.yaml",
+        )
+        assert Engine(config, load_plugins()).embedded is False
+    for url in ("", "embedded:", "sqlite:///q.sqlite"):
+        assert not is_amqp_url(url)
+        assert isinstance(open_broker(url, "i", tmp_path), EmbeddedBroker)
 
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:6379", "sqlite:/relative", "embedded:/x"])

@@ -19,7 +19,7 @@ import structlog
 import uvicorn
 from sqlalchemy.engine import Connection
 
-from medcourier.engine.broker import Broker, WorkItem, open_broker
+from medcourier.engine.broker import Broker, WorkItem, is_amqp_url, open_broker
 from medcourier.engine.clock import now
 from medcourier.engine.config import Config
 from medcourier.engine.control import RouteControl
@@ -103,7 +103,7 @@ class Engine:
         self.store = AsyncStore(Store(s.store, s.data_dir))
         self.broker: Broker = route_broker(config)
         # RabbitMQ hands unacknowledged items back after a crash; the embedded queue does not.
-        self.embedded = not (s.broker or "").strip().lower().startswith(("amqp://", "amqps://"))
+        self.embedded = not is_amqp_url(s.broker or "")
         self.router = Router(config.routes)
         self.workers: dict[str, RouteWorker] = {}
         self.base_url = s.http.base_url()

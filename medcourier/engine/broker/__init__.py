@@ -228,6 +228,16 @@ def exchange_name(instance: str) -> str:
     return f"{instance}.routes"
 
 
+def _scheme(url: str) -> str:
+    spec = url.strip()
+    return spec.partition(":")[0].lower() if ":" in spec else spec.lower()
+
+
+def is_amqp_url(url: str) -> bool:
+    """Whether ``open_broker`` opens RabbitMQ for this URL (the scheme in any case)."""
+    return _scheme(url) in ("amqp", "amqps")
+
+
 def open_broker(url: str, instance: str, data_dir: Path, *, quorum: bool = False) -> Broker:
     """Build the broker a configured URL names (not started yet: call ``start``).
 
@@ -240,8 +250,8 @@ def open_broker(url: str, instance: str, data_dir: Path, *, quorum: bool = False
     client library.
     """
     spec = url.strip()
-    scheme = spec.partition(":")[0].lower() if ":" in spec else spec.lower()
-    if scheme in ("amqp", "amqps"):
+    scheme = _scheme(spec)
+    if is_amqp_url(spec):
         from medcourier.engine.broker.amqp import AmqpBroker
 
         return AmqpBroker(spec, instance, quorum=quorum)
