@@ -994,9 +994,10 @@ def test_embedded_queues_in_memory_once_this_process_consumes_the_route(tmp_path
     """A consumed route's publishes never touch the file; another route's still do."""
     path = tmp_path / "queue.sqlite"
     broker = embedded(path, "mem")
-    release = asyncio.Event()
+    release, handling = asyncio.Event(), asyncio.Event()
 
     async def held(item: WorkItem) -> None:
+        handling.set()
         await release.wait()
 
     async def scenario() -> tuple[int, int, int]:
@@ -1005,7 +1006,7 @@ def test_embedded_queues_in_memory_once_this_process_consumes_the_route(tmp_path
         for i in range(5):
             await broker.publish(WorkItem(f"tx-{i}", "lab"))
         await broker.publish(WorkItem("adt-0", "adt"))
-        await asyncio.sleep(0.05)
+        await handling.wait()
         waiting = broker.waiting("lab")  # one is being handled
         rows = file_rows(path, "mem.route.lab"), file_rows(path, "mem.route.adt")
         release.set()
@@ -1272,9 +1273,10 @@ def test_embedded_publish_later_waits_and_is_dropped_while_closing(tmp_path: Pat
 
 def test_embedded_purge_counts_what_waits_in_memory(tmp_path: Path) -> None:
     broker = embedded(tmp_path / "queue.sqlite", "purge")
-    release = asyncio.Event()
+    release, handling = asyncio.Event(), asyncio.Event()
 
     async def held(item: WorkItem) -> None:
+        handling.set()
         await release.wait()
 
     async def scenario() -> tuple[int, int]:
@@ -1282,7 +1284,7 @@ def test_embedded_purge_counts_what_waits_in_memory(tmp_path: Path) -> None:
         await broker.consume("lab", held)
         for i in range(4):
             await broker.publish(WorkItem(f"tx-{i}", "lab"))
-        await asyncio.sleep(0.05)
+        await handling.wait()
         purged = await broker.purge("lab")  # tx-0 is being handled; three wait
         release.set()
         return purged, broker.waiting("lab")
