@@ -1129,8 +1129,14 @@ class WindowPipeline:
     """A ``Pipelined`` handler whose status writes the test completes: records the begins, the
     most items begun and not yet written, and fails the begin of chosen items once."""
 
-    def __init__(self, window: int, fail_once: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    def __init__(
+        self,
+        window: int,
+        fail_once: set[str] = frozenset(),  # type: ignore[assignment]
+        cancel_once: set[str] = frozenset(),  # type: ignore[assignment]
+    ) -> None:
         self.window = window
+        self._cancel_once = set(cancel_once)
         self.begun: list[str] = []
         self.ahead_seen: list[list[str]] = []
         self.writes: list[asyncio.Future[None]] = []
@@ -1146,6 +1152,9 @@ class WindowPipeline:
         if item.transaction_id in self._fail_once:
             self._fail_once.discard(item.transaction_id)
             raise RuntimeError("begin failure requested by the test")
+        if item.transaction_id in self._cancel_once:
+            self._cancel_once.discard(item.transaction_id)
+            raise asyncio.CancelledError  # a connector's own cancellation leaking out
         self.begun.append(item.transaction_id)
         self.ahead_seen.append([a.transaction_id for a in ahead])
         self.in_hand += 1
@@ -1175,7 +1184,9 @@ def test_embedded_pipelined_route_keeps_order_window_and_retries_in_place(tmp_pa
         for i in range(8):
             await broker.publish(WorkItem(f"tx-{i}", "lab"))
         # No status write is done yet: the window holds three items taken, no more.
-        await asyncio.sleep(0.2)
+        while len(pipeline.begun) < 3:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
         assert pipeline.begun == ["tx-0", "tx-1", "tx-2"]  # tx-2 on its second try
         assert broker.waiting("lab") == 8 - 3
         while len(pipeline.begun) < 8:
@@ -1188,6 +1199,29 @@ def test_embedded_pipelined_route_keeps_order_window_and_retries_in_place(tmp_pa
     assert pipeline.begun == [f"tx-{i}" for i in range(8)]  # tx-2 failed once, kept its place
     assert pipeline.max_in_hand <= 3
     assert pipeline.ahead_seen[0] == ["tx-1", "tx-2"]
+
+
+def test_embedded_pipelined_route_restarts_with_the_item_it_was_on_first(tmp_path: Path) -> None:
+    """A begin ended by CancelledError ends the pipeline; the restarted one begins that item
+    before the ones behind it."""
+    broker = embedded(tmp_path / "queue.sqlite", "piperestart")
+    pipeline = WindowPipeline(window=4, cancel_once={"tx-1"})
+
+    async def scenario() -> None:
+        await broker.start(["lab"])
+        await broker.consume("lab", pipeline)
+        for i in range(5):
+            await broker.publish(WorkItem(f"tx-{i}", "lab"))
+        while len(pipeline.begun) < 5:
+            pipeline.finish_writes()
+            await asyncio.sleep(0.01)
+        pipeline.finish_writes()
+        await asyncio.sleep(0.05)
+
+    with capture_logs() as logs:
+        run(closing(broker, scenario), timeout=10)
+    assert pipeline.begun == [f"tx-{i}" for i in range(5)]
+    assert [e["route"] for e in logs if e["event"] == "broker.consumer_restarted"] == ["lab"]
 
 
 def test_embedded_close_waits_for_a_status_write_begun_while_closing(tmp_path: Path) -> None:
@@ -1334,9 +1368,12 @@ def test_embedded_consumer_restarts_when_a_handler_ends_it(tmp_path: Path, prefe
     broker = embedded(tmp_path / "queue.sqlite", "restart")
     calls: list[str] = []
     done: list[str] = []
+    times: list[float] = []
 
     async def handler(item: WorkItem) -> None:
         calls.append(item.transaction_id)
+        if item.transaction_id == "tx-0":
+            times.append(time.monotonic())
         if calls.count(item.transaction_id) == 1 and item.transaction_id == "tx-0":
             raise asyncio.CancelledError  # a connector's own cancellation leaking out
         done.append(item.transaction_id)
@@ -1352,6 +1389,8 @@ def test_embedded_consumer_restarts_when_a_handler_ends_it(tmp_path: Path, prefe
     with capture_logs() as logs:
         run(closing(broker, scenario), timeout=10)
     assert sorted(done) == ["tx-0", "tx-1", "tx-2"]
+    assert calls.count("tx-0") == 2
+    assert times[1] - times[0] >= 0.04  # waited as a failed attempt does (requeue_delay 0.05)
     if prefetch == 1:
         assert done == ["tx-0", "tx-1", "tx-2"]  # FIFO: it kept its place
         assert [e["route"] for e in logs if e["event"] == "broker.consumer_restarted"] == ["lab"]

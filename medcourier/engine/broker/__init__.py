@@ -146,6 +146,11 @@ async def run_pipeline(
                 await asyncio.sleep(requeue_delay)
                 if lane.closed:
                     return
+            except BaseException:
+                # Not a failure the contract knows (a cancellation, an exception group): the
+                # pipeline ends, and the item goes back to the head of what it had not begun.
+                lane.waiting.appendleft(entry)
+                raise
         if done is None:
             settle(token, True)
         else:

@@ -477,12 +477,12 @@ class EmbeddedBroker:
 
         def ended(done: asyncio.Task[None]) -> None:
             tasks.discard(done)
+            failure = None if done.cancelled() else done.exception()  # read, even when closing
             if self._closing:
                 return
             if done.cancelled():
                 error = "CancelledError"
             else:
-                failure = done.exception()
                 error = type(failure).__name__ if failure is not None else "its pipeline ended"
             log.error("broker.consumer_restarted", route=route, error=error)
             loop.call_later(self._requeue_delay, self._run_consumer, route)
@@ -521,14 +521,24 @@ class EmbeddedBroker:
 
             async def in_slot(item: WorkItem = item) -> None:
                 try:
-                    await self._deliver_or_give_back(route, handler, local, item)
+                    await self._deliver(route, handler, item)
+                except BaseException as exc:
+                    if self._closing:
+                        raise
+                    # Ended otherwise than by Exception: the item waits as a failed attempt
+                    # would (rather than spin in the next free slot), then goes back at the head.
+                    log.error("broker.handler_ended", route=route, error=type(exc).__name__)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopped.wait(), self._requeue_delay)
+                    if not self._closing:
+                        local.items.appendleft(item)
+                        local.wake()
                 finally:
                     slots.release()
 
             task = loop.create_task(in_slot(), name=route)
             tasks.add(task)
             task.add_done_callback(tasks.discard)
-            task.add_done_callback(_log_end("broker.handler_ended", route))
 
     async def _deliver_or_give_back(
         self, route: str, handler: Handler, local: _RouteQueue, item: WorkItem
@@ -616,7 +626,7 @@ class EmbeddedBroker:
                 await asyncio.wait_for(self._stopped.wait(), self._polling_interval)
             if self._closing:
                 return
-            routes = list(self._local)
+            routes = list(self._consumers)  # not a route whose consume() is still taking
             try:
                 found = await self._in_file(
                     self._take_waiting, [queue_name(self._instance, r) for r in routes]
@@ -675,12 +685,12 @@ def _items_of(route: str, payloads: list[str]) -> list[WorkItem]:
     return items
 
 
-def _log_end(event: str, route: str | None = None) -> Callable[[asyncio.Task[None]], None]:
+def _log_end(event: str) -> Callable[[asyncio.Task[None]], None]:
     """A done-callback logging how a background task ended, when it failed."""
 
     def ended(task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log.error(event, route=route or task.get_name(), error=type(task.exception()).__name__)
+            log.error(event, task=task.get_name(), error=type(task.exception()).__name__)
 
     return ended
 
