@@ -54,7 +54,7 @@ import threading
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Callable, Collection, Coroutine, Iterator
+from collections.abc import Collection, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -359,9 +359,7 @@ class EmbeddedBroker:
         The rows are kombu's (the same envelope as ``Producer.publish`` writes), so kombu's own
         tools and ``queue_purge`` read them as theirs.
         """
-        db = self._pub_db
-        if db is None:
-            raise BrokerError("the embedded broker is not started (or already closed)")
+        db = self._file_db()
         rows = [(self._queue_id(db, queue), _envelope(queue, item)) for queue, item in items]
         with _write_transaction(db):
             db.executemany(
@@ -449,7 +447,7 @@ class EmbeddedBroker:
         self._run_consumer(route)
         if self._poller is None:
             self._poller = asyncio.get_running_loop().create_task(self._poll_file())
-            self._poller.add_done_callback(_log_end("broker.poller_stopped"))
+            self._poller.add_done_callback(_poller_ended)
 
     def _run_consumer(self, route: str) -> None:
         """Start the route's consumer task, and again if it ends before the broker closes.
@@ -495,7 +493,15 @@ class EmbeddedBroker:
             if not local.items:
                 await local.changed()
                 continue
-            if not await self._deliver_or_give_back(route, handler, local, local.items.popleft()):
+            item, delivered = local.items.popleft(), False
+            try:
+                delivered = await self._deliver(route, handler, item)
+            finally:
+                # Ended otherwise than by Exception: back at the head, for the restarted consumer.
+                if not delivered and not self._closing:
+                    local.items.appendleft(item)
+                    local.wake()
+            if not delivered:
                 return
 
     async def _consume_parallel(
@@ -539,20 +545,6 @@ class EmbeddedBroker:
             task = loop.create_task(in_slot(), name=route)
             tasks.add(task)
             task.add_done_callback(tasks.discard)
-
-    async def _deliver_or_give_back(
-        self, route: str, handler: Handler, local: _RouteQueue, item: WorkItem
-    ) -> bool:
-        """``_deliver``; an item whose handler ended it otherwise than by ``Exception`` goes
-        back to the head of the queue (for the restarted consumer)."""
-        delivered = False
-        try:
-            delivered = await self._deliver(route, handler, item)
-        finally:
-            if not delivered and not self._closing:
-                local.items.appendleft(item)
-                local.wake()
-        return delivered
 
     async def _deliver(self, route: str, handler: Handler, item: WorkItem) -> bool:
         """Run the handler until it succeeds; False when the broker closed first."""
@@ -685,14 +677,10 @@ def _items_of(route: str, payloads: list[str]) -> list[WorkItem]:
     return items
 
 
-def _log_end(event: str) -> Callable[[asyncio.Task[None]], None]:
-    """A done-callback logging how a background task ended, when it failed."""
-
-    def ended(task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error(event, task=task.get_name(), error=type(task.exception()).__name__)
-
-    return ended
+def _poller_ended(task: asyncio.Task[None]) -> None:
+    """The file poller catches every ``Exception``: say so if something else ended it."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("broker.poller_stopped", error=type(task.exception()).__name__)
 
 
 def _open_queue_file(path: Path) -> sqlite3.Connection:
