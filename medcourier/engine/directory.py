@@ -26,6 +26,7 @@ from medcourier.engine.schema import (
     patient_identifiers,
     patients,
 )
+from medcourier.engine.sqlite_reads import DriverReads
 
 # Merges can chain (A merged into B, later B into C); reads follow at most this many links.
 MAX_MERGE_CHAIN = 16
@@ -56,9 +57,11 @@ def server_meta(version: int, sent: object = None) -> dict[str, Any]:
 
 
 class DirectoryStore:
-    """Directory operations; mixed into ``Store``, which provides ``self.engine``."""
+    """Directory operations; mixed into ``Store``, which provides ``self.engine`` and, on a
+    SQLite file, ``self.driver_reads`` (sqlite_reads.py)."""
 
     engine: Engine
+    driver_reads: DriverReads | None
 
     # -- FHIR API ------------------------------------------------------------------------------
     def put_patient(self, resource: dict[str, Any], organization: str | None) -> dict[str, Any]:
@@ -77,6 +80,8 @@ class DirectoryStore:
 
     def get_patient(self, patient_id: str) -> dict[str, Any] | None:
         """The patient, or the survivor it was merged into (the retired id still resolves)."""
+        if self.driver_reads is not None:  # every $send-to-ehr reads it: the lean way
+            return self.driver_reads.patient(patient_id, MAX_MERGE_CHAIN)
         with self.engine.connect() as c:
             row = _live_patient(c, patient_id)
             return json.loads(row.resource) if row is not None else None
