@@ -1,25 +1,31 @@
-"""The patient read every $send-to-ehr makes, on the embedded store: through SQLAlchemy and
-through the reader thread's own driver connection (engine/sqlite_reads.py, what
-``Store.get_patient`` uses on a SQLite file).
+"""The patient read every $send-to-ehr makes: through SQLAlchemy, and through the reading
+thread's own driver connection (engine/driver_reads.py, what ``Store.get_patient`` uses), on
+the embedded store (SQLite) and on PostgreSQL.
 
     .venv/bin/python bench/patient_read.py [--reads 3000] [--rounds 5]
+        [--postgres postgresql://postgres@127.0.0.1:5432/postgres | --no-postgres]
 
-Both run on one thread that stays alive between reads, as the store's reader pool's threads
-do, against one store file holding ``--patients`` patients. Prints, per path, the median over
-``--rounds`` rounds of microseconds per read and reads per second.
+Each path runs on one thread that stays alive between reads, as the store's reader pool's
+threads do, against a store holding ``--patients`` patients (PostgreSQL: a database created for
+the run and dropped after it). Prints, per store and path, the median over ``--rounds`` rounds
+of microseconds per read and reads per second.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import sqlalchemy as sa
 
 from medcourier.engine.directory import _live_patient
 from medcourier.engine.store import Store
@@ -60,38 +66,68 @@ def timed(read: Callable[[str], Any], ids: list[str], reads: int, rounds: int) -
     return result[0]
 
 
+def rows_of(label: str, url: str | None, data_dir: Path, args: argparse.Namespace) -> list[str]:
+    store = Store(url, data_dir)
+    store.create_schema()
+    try:
+        ids = [
+            store.put_patient(
+                {
+                    "resourceType": "Patient",
+                    "name": [{"family": f"Bench{i}", "given": ["Load"]}],
+                    "identifier": [{"system": "urn:oid:1.2.250.1.999.1", "value": f"B{i}"}],
+                },
+                None,
+            )["id"]
+            for i in range(args.patients)
+        ]
+        paths = [
+            ("SQLAlchemy (pooled connection, Core)", through_sqlalchemy(store)),
+            ("driver (Store.get_patient)", store.get_patient),
+        ]
+        lines = []
+        for path, read in paths:
+            micros = timed(read, ids, args.reads, args.rounds)
+            lines.append(f"| {label} | {path} | {micros:.1f} | {1e6 / micros:,.0f} |")
+        return lines
+    finally:
+        store.dispose()
+
+
+@contextlib.contextmanager
+def own_database(server: str) -> Iterator[str]:
+    """A database created for the run on ``server`` (its URL), dropped after it."""
+    admin = sa.create_engine(
+        server.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
+    )
+    name = f"patient_read_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as c:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reads", type=int, default=3000, help="reads per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--patients", type=int, default=1000)
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--no-postgres", action="store_true", help="the embedded store only")
     args = parser.parse_args()
+    lines = []
     with tempfile.TemporaryDirectory(prefix="patient-read-") as tmp:
-        store = Store(None, Path(tmp))
-        store.create_schema()
-        try:
-            ids = [
-                store.put_patient(
-                    {
-                        "resourceType": "Patient",
-                        "name": [{"family": f"Bench{i}", "given": ["Load"]}],
-                        "identifier": [{"system": "urn:oid:1.2.250.1.999.1", "value": f"B{i}"}],
-                    },
-                    None,
-                )["id"]
-                for i in range(args.patients)
-            ]
-            rows = [
-                ("SQLAlchemy (pooled connection, Core)", through_sqlalchemy(store)),
-                ("driver (Store.get_patient)", store.get_patient),
-            ]
-            print("| path | µs per read | reads/s |")
-            print("|---|---|---|")
-            for label, read in rows:
-                micros = timed(read, ids, args.reads, args.rounds)
-                print(f"| {label} | {micros:.1f} | {1e6 / micros:,.0f} |")
-        finally:
-            store.dispose()
+        lines += rows_of("embedded (SQLite)", None, Path(tmp), args)
+        if not args.no_postgres:
+            with own_database(args.postgres) as url:
+                lines += rows_of("PostgreSQL", url, Path(tmp), args)
+    print("| store | path | µs per read | reads/s |")
+    print("|---|---|---|---|")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from medcourier.engine.clock import now
+from medcourier.engine.driver_reads import DriverReads
 from medcourier.engine.schema import (
     documents,
     encounter_identifiers,
@@ -26,7 +27,6 @@ from medcourier.engine.schema import (
     patient_identifiers,
     patients,
 )
-from medcourier.engine.sqlite_reads import DriverReads
 
 # Merges can chain (A merged into B, later B into C); reads follow at most this many links.
 MAX_MERGE_CHAIN = 16
@@ -57,8 +57,8 @@ def server_meta(version: int, sent: object = None) -> dict[str, Any]:
 
 
 class DirectoryStore:
-    """Directory operations; mixed into ``Store``, which provides ``self.engine`` and, on a
-    SQLite file, ``self.driver_reads`` (sqlite_reads.py)."""
+    """Directory operations; mixed into ``Store``, which provides ``self.engine`` and
+    ``self.driver_reads`` (driver_reads.py; None on an in-memory SQLite database)."""
 
     engine: Engine
     driver_reads: DriverReads | None

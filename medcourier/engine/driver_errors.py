@@ -1,6 +1,6 @@
 """Driver errors raised as SQLAlchemy raises them, for the statements the engine runs on the
 driver's own connection (engine/sqlite_statements.py, the SQLite BEGIN in store.py, the large
-payload writes in payload_write.py, the reads of engine/sqlite_reads.py).
+payload writes in payload_write.py, the reads of engine/driver_reads.py).
 
 Callers tell errors apart by SQLAlchemy's classes (``Engine.submit`` draws a new transaction id
 on ``IntegrityError``; a lock timeout is ``OperationalError``), and the store's writer threads
@@ -27,7 +27,7 @@ def dialect_error(
     dialect: Dialect, exc: Exception, statement: str, *, connection_invalidated: bool = False
 ) -> sa.exc.StatementError:
     """``exc``, raised by ``dialect``'s driver for ``statement`` on a connection SQLAlchemy
-    does not manage (engine/sqlite_reads.py), as SQLAlchemy's error."""
+    does not manage (engine/driver_reads.py), as SQLAlchemy's error."""
     return sa.exc.DBAPIError.instance(
         statement,
         None,

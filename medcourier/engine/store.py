@@ -38,6 +38,7 @@ from medcourier.engine.directory import (
 )
 from medcourier.engine.directory_run import NotBatchable, tx_apply_directory_run
 from medcourier.engine.driver_errors import driver_error
+from medcourier.engine.driver_reads import DriverReads
 from medcourier.engine.inbound import DirectoryUpdate
 from medcourier.engine.model import Document, Status
 from medcourier.engine.payload_read import DIRECT_READ_BYTES, read_payload, sqlite_connection
@@ -53,7 +54,6 @@ from medcourier.engine.schema import (
     payloads,
     status_events,
 )
-from medcourier.engine.sqlite_reads import DriverReads
 from medcourier.engine.sqlite_statements import DriverStatement, driver_insert
 
 
@@ -120,9 +120,6 @@ ORPHAN_LOCK = 0x6D636F727068
 
 log = structlog.get_logger("medcourier.store")
 
-SQLITE_TIMEOUT = 30.0
-"""Seconds a SQLite connection waits for the write lock (the driver's busy timeout)."""
-
 P = ParamSpec("P")
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -162,7 +159,7 @@ class Store(DirectoryStore, ResourceStore):
         kwargs: dict[str, Any] = {"hide_parameters": True}
         if self.is_sqlite:
             data_dir.mkdir(parents=True, exist_ok=True)
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": SQLITE_TIMEOUT}
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
             kwargs["pool_size"] = 8
             # Threads that may hold a connection at once: 8 readers, 4 group-commit writers, the
@@ -177,14 +174,10 @@ class Store(DirectoryStore, ResourceStore):
             # pysqlite begins transactions lazily and breaks SAVEPOINT, which group commit
             # needs: let SQLAlchemy emit BEGIN itself (the SQLAlchemy SQLite docs' recipe).
             sa.event.listen(self.engine, "begin", _sqlite_begin)
-        # The hot path's reads on the driver (sqlite_reads.py): a file's, not ``sqlite://``'s
-        # in-memory database, which each connection would see empty.
-        database = self.engine.url.database if self.is_sqlite else None
-        self.driver_reads = (
-            DriverReads(self.engine, database, SQLITE_TIMEOUT)
-            if database and database != ":memory:"
-            else None
-        )
+        # The hot path's reads on the driver (driver_reads.py); not on ``sqlite://``'s in-memory
+        # database, which a connection of their own would see empty.
+        in_memory = self.is_sqlite and self.engine.url.database in (None, "", ":memory:")
+        self.driver_reads = None if in_memory else DriverReads(self.engine)
 
     def create_schema(self) -> None:
         metadata.create_all(self.engine)

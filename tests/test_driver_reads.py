@@ -1,12 +1,14 @@
-"""Reads on the reading thread's own SQLite driver connection (engine/sqlite_reads.py).
+"""Reads on the reading thread's own driver connection (engine/driver_reads.py).
 
-``get_patient`` on an embedded store reads through the driver; these check it reads what
-SQLAlchemy's path reads (merge chains included), sees every commit, holds no snapshot that
-would keep a WAL checkpoint from completing, and fails as SQLAlchemy fails.
+``get_patient`` reads through the driver on SQLite and on PostgreSQL (a fresh database); these
+check it reads what SQLAlchemy's path reads (merge chains included), sees every commit, leaves
+no transaction open (no snapshot a WAL checkpoint or vacuum would wait for), fails as
+SQLAlchemy fails, and connects again after an error, a lost connection or ``dispose``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import sqlite3
@@ -20,12 +22,14 @@ import sqlalchemy as sa
 
 from medcourier.engine.directory import MAX_MERGE_CHAIN, _live_patient
 from medcourier.engine.schema import patients
-from medcourier.engine.store import Store
+from medcourier.engine.store import Store, normalize_url
+from tests.services import fresh_postgres_url, own_postgres_database
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(None, tmp_path / "data")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    url = None if request.param == "sqlite" else fresh_postgres_url()
+    s = Store(url, tmp_path / "data")
     s.create_schema()
     yield s
     s.dispose()
@@ -144,37 +148,79 @@ def test_a_kept_connection_reads_what_was_committed_after_it_opened(
     assert again["name"] == [{"family": "AFTER"}]
 
 
-def test_a_read_holds_no_snapshot_a_checkpoint_would_wait_for(
-    store: Store, reader: _Reader, tmp_path: Path
-) -> None:
-    """After a read, the reading thread keeps its connection but no read transaction: a
-    TRUNCATE checkpoint copies the whole log back and empties it (busy 0)."""
-    pid = _patient(store, "CHECKPOINT")
+def test_a_read_leaves_no_transaction_open(store: Store, reader: _Reader) -> None:
+    """After a read, the reading thread keeps its connection but no transaction. SQLite: a
+    TRUNCATE checkpoint copies the whole log back and empties it (busy 0). PostgreSQL: no
+    session of the database is idle in a transaction."""
+    pid = _patient(store, "SNAPSHOT")
     assert reader.call(lambda: store.get_patient(pid)) is not None
-    for i in range(20):  # frames for the checkpoint to copy
+    for i in range(20):  # SQLite: frames for the checkpoint to copy
         _patient(store, f"MORE{i}")
-    database = str(tmp_path / "data" / "medcourier.sqlite")
-    other = sqlite3.connect(database, isolation_level=None)
-    try:
-        busy, log_frames, copied = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-    finally:
-        other.close()
-    assert (busy, log_frames, copied) == (0, 0, 0)
-    assert Path(database + "-wal").stat().st_size == 0
+    if store.is_sqlite:
+        database = store.engine.url.database
+        assert database is not None
+        other = sqlite3.connect(database, isolation_level=None)
+        try:
+            checkpoint = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            other.close()
+        assert tuple(checkpoint) == (0, 0, 0)  # busy, frames in the log, frames copied
+        assert Path(database + "-wal").stat().st_size == 0
+    else:
+        with store.engine.connect() as c:
+            states = c.execute(
+                sa.text(
+                    "SELECT state FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalars()
+            assert "idle in transaction" not in list(states)
     assert reader.call(lambda: store.get_patient(pid)) is not None  # still reads
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_a_driver_error_is_sqlalchemys_without_the_values_and_the_next_read_connects(
-    tmp_path: Path, reader: _Reader
+    kind: str, tmp_path: Path, reader: _Reader
 ) -> None:
-    s = Store(None, tmp_path / "data")
-    try:
+    with contextlib.ExitStack() as stack:
+        url = None if kind == "sqlite" else stack.enter_context(own_postgres_database())
+        s = Store(url, tmp_path / "data")
+        stack.callback(s.dispose)
         error = reader.call(lambda: s.get_patient("PATIENT-SECRET-ID"))  # no schema yet
-        assert isinstance(error, sa.exc.OperationalError)
-        assert "no such table" in str(error)
+        assert isinstance(error, sa.exc.DBAPIError)  # OperationalError, ProgrammingError
+        assert "patients" in str(error)
         assert "PATIENT-SECRET-ID" not in str(error)
         s.create_schema()
         pid = _patient(s, "RECOVERED")
+        found = reader.call(lambda: s.get_patient(pid))
+        assert found is not None and found["id"] == pid
+
+
+def test_a_lost_postgresql_connection_fails_one_read_and_the_next_connects(
+    tmp_path: Path, reader: _Reader
+) -> None:
+    """The server ends the reading thread's session (a restart, an operator): that read fails
+    as SQLAlchemy's pool would have failed it (no pre-ping), the next one connects again."""
+    s = Store(fresh_postgres_url(), tmp_path)
+    try:
+        s.create_schema()
+        pid = _patient(s, "TERMINATED")
+        assert reader.call(lambda: s.get_patient(pid)) is not None
+        admin = sa.create_engine(normalize_url(fresh_postgres_url(), tmp_path))
+        try:
+            with admin.connect() as c:
+                ended = c.execute(
+                    sa.text(
+                        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM "
+                        "pg_stat_activity WHERE datname = current_database() "
+                        "AND pid <> pg_backend_pid() AND backend_type = 'client backend') t"
+                    )
+                ).scalar_one()
+        finally:
+            admin.dispose()
+        assert ended >= 1
+        error = reader.call(lambda: s.get_patient(pid))
+        assert isinstance(error, sa.exc.OperationalError)
         found = reader.call(lambda: s.get_patient(pid))
         assert found is not None and found["id"] == pid
     finally:
