@@ -14,18 +14,16 @@ of microseconds per read and reads per second.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
+from databases import own_postgres_database
 
 from medcourier.engine.directory import _live_patient
 from medcourier.engine.store import Store
@@ -94,23 +92,6 @@ def rows_of(label: str, url: str | None, data_dir: Path, args: argparse.Namespac
         store.dispose()
 
 
-@contextlib.contextmanager
-def own_database(server: str) -> Iterator[str]:
-    """A database created for the run on ``server`` (its URL), dropped after it."""
-    admin = sa.create_engine(
-        server.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
-    )
-    name = f"patient_read_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield server.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as c:
-            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reads", type=int, default=3000, help="reads per round")
@@ -123,7 +104,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="patient-read-") as tmp:
         lines += rows_of("embedded (SQLite)", None, Path(tmp), args)
         if not args.no_postgres:
-            with own_database(args.postgres) as url:
+            with own_postgres_database(args.postgres, "patient_read") as url:
                 lines += rows_of("PostgreSQL", url, Path(tmp), args)
     print("| store | path | µs per read | reads/s |")
     print("|---|---|---|---|")

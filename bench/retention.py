@@ -29,14 +29,12 @@ import sqlite3
 import statistics
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
+from databases import own_postgres_database
 
 from medcourier.engine.clock import now
 from medcourier.engine.config import Config, parse_config
@@ -200,22 +198,6 @@ def run(
         row.payloads_table = (pt_before, pt_after, payload_table(store))
 
 
-@contextmanager
-def pg_database(base: str) -> Iterator[str]:
-    admin = sa.create_engine(
-        base.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
-    )
-    name = f"mcbench_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield base.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as c:
-            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def old_sqlite(directory: Path, config: Config, docs: int, size: int, recent: int) -> Row:
     """A store created before retention: auto_vacuum none, then one full VACUUM."""
     db = directory / "medcourier.sqlite"
@@ -278,7 +260,7 @@ def main() -> None:
             store.dispose()
             rows.append(row)
     if args.backend in ("postgresql", "both", "all"):
-        with pg_database(args.pg) as url:
+        with own_postgres_database(args.pg) as url:
             store = Store(url, Path("."))
             row = Row("PostgreSQL")
             run(store, config, row, args.docs, size, args.recent)
