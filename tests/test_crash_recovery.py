@@ -27,7 +27,7 @@ import yaml
 from medcourier.channels.mllp.ack import parse_ack
 from medcourier.channels.mllp.framing import FrameReader, frame
 from medcourier.channels.mllp.simulator import EhrSimulator
-from tests.harness import TOKEN, LoopThread, eventually, free_port
+from tests.harness import TOKEN, LoopThread, eventually, free_ports
 from tests.services import fresh_postgres_url, rabbitmq_url
 
 ADT = (
@@ -103,7 +103,7 @@ def test_sigkill_mid_flow_loses_nothing_accepted(
 ) -> None:
     ehr = EhrSimulator()
     lt.run(ehr.start())
-    http_port, mllp_port = free_port(), free_port()
+    http_port, mllp_port = free_ports(2)
     inbox = tmp_path / "inbox"
     instance = f"mccrash-{uuid.uuid4().hex[:8]}"
     cfg: dict[str, Any] = {

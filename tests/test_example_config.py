@@ -17,7 +17,7 @@ import httpx
 
 from medcourier.channels.mllp.ack import parse_ack
 from medcourier.channels.mllp.framing import FrameReader, frame
-from tests.harness import eventually, free_port, pdf_bytes
+from tests.harness import eventually, free_ports, pdf_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 MEDCOURIER = [sys.executable, "-m", "medcourier.engine.cli"]
@@ -55,7 +55,7 @@ def _send_mllp(port: int, message: str) -> str:
 
 
 def test_example_config_delivers_to_the_simulated_ehr(tmp_path: Path) -> None:
-    http_port, ehr_port, mllp_port = free_port(), free_port(), free_port()
+    http_port, ehr_port, mllp_port = free_ports(3)
     token = uuid.uuid4().hex + uuid.uuid4().hex
     env = {
         **os.environ,
