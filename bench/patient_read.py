@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from databases import own_postgres_database
+from own_database import own_postgres_database
 
 from medcourier.engine.directory import _live_patient
 from medcourier.engine.store import Store

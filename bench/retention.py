@@ -34,7 +34,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
-from databases import own_postgres_database
+from own_database import own_postgres_database
 
 from medcourier.engine.clock import now
 from medcourier.engine.config import Config, parse_config

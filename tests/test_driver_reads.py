@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from medcourier.engine import directory
 from medcourier.engine.directory import MAX_MERGE_CHAIN, _live_patient
 from medcourier.engine.schema import patients
-from medcourier.engine.store import Store, normalize_url
+from medcourier.engine.store import Store
 from tests.services import fresh_postgres_url, own_postgres_database
 
 
@@ -102,7 +103,30 @@ def reader() -> Iterator[_Reader]:
     r.stop()
 
 
-def test_the_driver_read_is_the_embedded_stores_patient_read(store: Store) -> None:
+@contextlib.contextmanager
+def _own_store(kind: str, data_dir: Path) -> Iterator[Store]:
+    """A store of the test's own: SQLite in ``data_dir``, or a PostgreSQL database nobody else
+    uses (the tests counting its sessions must not see another test's)."""
+    with contextlib.ExitStack() as stack:
+        url = None if kind == "sqlite" else stack.enter_context(own_postgres_database())
+        s = Store(url, data_dir)
+        stack.callback(s.dispose)
+        yield s
+
+
+def test_get_patient_reads_on_the_driver(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With SQLAlchemy's read made to fail, the patient is still read: through the driver."""
+    pid = _patient(store, "DRIVER")
+
+    def not_this_way(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("read through SQLAlchemy")
+
+    monkeypatch.setattr(directory, "_live_patient", not_this_way)
+    found = store.get_patient(pid)
+    assert found is not None and found["id"] == pid
+
+
+def test_the_driver_read_is_the_stores_patient_read(store: Store) -> None:
     assert store.driver_reads is not None  # what the tests below rely on
     pid = _patient(store, "ALONE")
     found = store.get_patient(pid)
@@ -148,44 +172,52 @@ def test_a_kept_connection_reads_what_was_committed_after_it_opened(
     assert again["name"] == [{"family": "AFTER"}]
 
 
-def test_a_read_leaves_no_transaction_open(store: Store, reader: _Reader) -> None:
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_read_leaves_no_transaction_open(kind: str, tmp_path: Path, reader: _Reader) -> None:
     """After a read, the reading thread keeps its connection but no transaction. SQLite: a
     TRUNCATE checkpoint copies the whole log back and empties it (busy 0). PostgreSQL: no
-    session of the database is idle in a transaction."""
-    pid = _patient(store, "SNAPSHOT")
-    assert reader.call(lambda: store.get_patient(pid)) is not None
-    for i in range(20):  # SQLite: frames for the checkpoint to copy
-        _patient(store, f"MORE{i}")
-    if store.is_sqlite:
-        database = store.engine.url.database
-        assert database is not None
-        other = sqlite3.connect(database, isolation_level=None)
-        try:
-            checkpoint = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        finally:
-            other.close()
-        assert tuple(checkpoint) == (0, 0, 0)  # busy, frames in the log, frames copied
-        assert Path(database + "-wal").stat().st_size == 0
-    else:
-        with store.engine.connect() as c:
-            states = c.execute(
-                sa.text(
-                    "SELECT state FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                )
-            ).scalars()
-            assert "idle in transaction" not in list(states)
-    assert reader.call(lambda: store.get_patient(pid)) is not None  # still reads
+    session of the store's database is idle in a transaction."""
+    with _own_store(kind, tmp_path / "data") as store:
+        store.create_schema()
+        pid = _patient(store, "SNAPSHOT")
+        assert reader.call(lambda: store.get_patient(pid)) is not None
+        for i in range(20):  # SQLite: frames for the checkpoint to copy
+            _patient(store, f"MORE{i}")
+        if store.is_sqlite:
+            database = store.engine.url.database
+            assert database is not None
+            other = sqlite3.connect(database, isolation_level=None)
+            try:
+                checkpoint = other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                other.close()
+            assert tuple(checkpoint) == (0, 0, 0)  # busy, frames in the log, frames copied
+            assert Path(database + "-wal").stat().st_size == 0
+        else:
+            states = _sessions(store)
+            assert len(states) >= 2  # the reader's, and the one asking
+            assert "idle in transaction" not in states.values()
+        assert reader.call(lambda: store.get_patient(pid)) is not None  # still reads
+
+
+def _sessions(store: Store) -> dict[int, str]:
+    """PostgreSQL: the client sessions of the store's database, by server process id, with
+    their state (the one asking included)."""
+    with store.engine.connect() as c:
+        rows = c.execute(
+            sa.text(
+                "SELECT pid, state FROM pg_stat_activity "
+                "WHERE datname = current_database() AND backend_type = 'client backend'"
+            )
+        )
+        return {int(pid): str(state) for pid, state in rows}
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
-def test_a_driver_error_is_sqlalchemys_without_the_values_and_the_next_read_connects(
+def test_a_driver_error_is_sqlalchemys_without_the_values_and_the_next_read_works(
     kind: str, tmp_path: Path, reader: _Reader
 ) -> None:
-    with contextlib.ExitStack() as stack:
-        url = None if kind == "sqlite" else stack.enter_context(own_postgres_database())
-        s = Store(url, tmp_path / "data")
-        stack.callback(s.dispose)
+    with _own_store(kind, tmp_path / "data") as s:
         error = reader.call(lambda: s.get_patient("PATIENT-SECRET-ID"))  # no schema yet
         assert isinstance(error, sa.exc.DBAPIError)  # OperationalError, ProgrammingError
         assert "patients" in str(error)
@@ -199,32 +231,44 @@ def test_a_driver_error_is_sqlalchemys_without_the_values_and_the_next_read_conn
 def test_a_lost_postgresql_connection_fails_one_read_and_the_next_connects(
     tmp_path: Path, reader: _Reader
 ) -> None:
-    """The server ends the reading thread's session (a restart, an operator): that read fails
-    as SQLAlchemy's pool would have failed it (no pre-ping), the next one connects again."""
-    s = Store(fresh_postgres_url(), tmp_path)
-    try:
+    """The server ends every session (a restart, an operator): the read on the reading thread's
+    connection fails, as SQLAlchemy's pool would have failed it (no pre-ping), and the next one
+    connects again, though the pool held other connections, dead too, to take instead."""
+    with _own_store("postgresql", tmp_path) as s:
         s.create_schema()
         pid = _patient(s, "TERMINATED")
         assert reader.call(lambda: s.get_patient(pid)) is not None
-        admin = sa.create_engine(normalize_url(fresh_postgres_url(), tmp_path))
-        try:
-            with admin.connect() as c:
-                ended = c.execute(
-                    sa.text(
-                        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM "
-                        "pg_stat_activity WHERE datname = current_database() "
-                        "AND pid <> pg_backend_pid() AND backend_type = 'client backend') t"
-                    )
-                ).scalar_one()
-        finally:
-            admin.dispose()
-        assert ended >= 1
+        with contextlib.ExitStack() as held:  # four connections idle in the pool
+            for _ in range(4):
+                held.enter_context(s.engine.connect()).execute(sa.text("SELECT 1"))
+        with s.engine.connect() as c:
+            ended = c.execute(
+                sa.text(
+                    "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM "
+                    "pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid() AND backend_type = 'client backend') t"
+                )
+            ).scalar_one()
+        assert ended >= 4  # the reader's session and the pool's idle ones
         error = reader.call(lambda: s.get_patient(pid))
         assert isinstance(error, sa.exc.OperationalError)
         found = reader.call(lambda: s.get_patient(pid))
         assert found is not None and found["id"] == pid
-    finally:
-        s.dispose()
+
+
+def test_a_value_the_server_refuses_fails_its_read_only(tmp_path: Path, reader: _Reader) -> None:
+    """PostgreSQL refuses a NUL character in text (an id from a URL or a message): that read
+    fails as SQLAlchemy's error and the reading thread keeps its session, no new one opened."""
+    with _own_store("postgresql", tmp_path) as s:
+        s.create_schema()
+        pid = _patient(s, "KEPT")
+        assert reader.call(lambda: s.get_patient(pid)) is not None
+        before = set(_sessions(s))
+        error = reader.call(lambda: s.get_patient("bad\x00id"))
+        assert isinstance(error, sa.exc.DataError)
+        found = reader.call(lambda: s.get_patient(pid))
+        assert found is not None and found["id"] == pid
+        assert set(_sessions(s)) == before
 
 
 def test_reads_after_dispose_connect_again(store: Store, reader: _Reader) -> None:

@@ -1,11 +1,11 @@
 """Reads of the per-document path on a driver connection kept by each reading thread.
 
-Why: every ``$send-to-ehr`` reads its patient. Through SQLAlchemy that read cost about 250 µs
-on SQLite and 740 µs on PostgreSQL on the development machine (a pool checkout, a transaction
+Why: every ``$send-to-ehr`` reads its patient. Through SQLAlchemy that read cost 233 µs on
+SQLite and 993 µs on PostgreSQL on the development machine (a pool checkout, a transaction
 begun for it, a compiled statement's execution context and result, the reset of the connection
 on its return to the pool: on PostgreSQL, BEGIN and ROLLBACK are round trips of their own);
 on the driver, from its own statement cache (SQLite) or a statement it prepared after a few
-runs (psycopg), 25 and 260 µs (``bench/patient_read.py``, docs/performance.md). The store's
+runs (psycopg), 29 and 164 µs (``bench/patient_read.py``, docs/performance.md). The store's
 writer threads keep their connections for the same reason (store.py, ``_WriterThreads``).
 
 What keeps the reads right:
@@ -17,8 +17,10 @@ What keeps the reads right:
   completing; on PostgreSQL, vacuum from removing old rows). Following a merge chain reads
   row by row, each time the latest committed row; a merge committed in between is followed or
   not, as with a read begun a moment earlier or later.
-- A driver error is raised as SQLAlchemy would raise it (driver_errors.py), and the connection
-  it came from is closed: the next read connects again (a restarted server, a lost socket).
+- A driver error is raised as SQLAlchemy would raise it (driver_errors.py). When it says the
+  connection is lost (a restarted server, a terminated session), the connection is closed and
+  the pool's idle connections with it, as SQLAlchemy invalidates its pool on a disconnect: that
+  read fails, the next one connects again.
 - :meth:`DriverReads.close` (the store's ``dispose``) closes them all, those of threads that
   ended before it included; a thread reading after it connects again, as SQLAlchemy's pool
   does after ``dispose``.
@@ -29,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.engine import Engine
 
@@ -61,7 +63,11 @@ class DriverReads:
         # This thread's from now on: the pool forgets it, and nothing closes it but us.
         proxied.detach()
         if self.engine.dialect.name == "postgresql":
-            conn.autocommit = True  # SQLite's connect event sets its own
+            try:
+                conn.autocommit = True  # SQLite's connect event sets its own
+            except self.engine.dialect.loaded_dbapi.Error as exc:
+                self._close(conn)
+                raise self._error(conn, exc, "SET autocommit") from exc
         with self._lock:
             self._opened.append(conn)
             self._local.conn, self._local.closes = conn, self._closes
@@ -77,11 +83,27 @@ class DriverReads:
             finally:
                 cursor.close()
         except self.engine.dialect.loaded_dbapi.Error as exc:
+            raise self._error(conn, exc, statement) from exc
+
+    def _error(self, conn: Any, exc: Exception, statement: str) -> Exception:
+        """``exc`` as SQLAlchemy's error. A connection the server or the driver lost is closed
+        (this thread connects again at its next read), and the pool's idle connections with it:
+        after a server restart they are all dead, and the next read would take one. An error of
+        the read alone (a value the driver refuses) leaves the connection as it is."""
+        dialect = self.engine.dialect
+        gone = bool(
+            dialect.is_disconnect(cast(Any, exc), conn, None)
+            or getattr(conn, "closed", False)  # psycopg
+            or getattr(conn, "broken", False)
+        )
+        if gone:
             self._forget(conn)
-            raise dialect_error(self.engine.dialect, exc, statement) from exc
+            self.engine.dispose()  # a new pool; connections checked out keep working
+        return dialect_error(dialect, exc, statement, connection_invalidated=gone)
 
     def _forget(self, conn: Any) -> None:
-        self._local.conn = None
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
         with self._lock:
             if conn in self._opened:
                 self._opened.remove(conn)
@@ -103,6 +125,9 @@ class DriverReads:
         return None
 
     def close(self) -> None:
+        """Close every thread's connection. The caller makes sure no read is running (the
+        store's readers are shut down first, ``AsyncStore.close``): a connection closed under a
+        running read would fail it."""
         with self._lock:
             opened, self._opened = self._opened, []
             self._closes += 1

@@ -165,6 +165,7 @@ class Store(DirectoryStore, ResourceStore):
             # Threads that may hold a connection at once: 8 readers, 4 group-commit writers, the
             # directory runs' writer, 4 journal writers (autocommit), a journal applier's lock
             # per listener, the pruner and the control API. Past that, a write waits for one.
+            # Each reader may also keep one outside the pool (driver_reads.py): up to 8 more.
             kwargs["max_overflow"] = 24
             # No pre-ping: it costs a round trip per checkout; a dropped connection fails one
             # call and the pool replaces it.
@@ -176,7 +177,10 @@ class Store(DirectoryStore, ResourceStore):
             sa.event.listen(self.engine, "begin", _sqlite_begin)
         # The hot path's reads on the driver (driver_reads.py); not on ``sqlite://``'s in-memory
         # database, which a connection of their own would see empty.
-        in_memory = self.is_sqlite and self.engine.url.database in (None, "", ":memory:")
+        database = self.engine.url.database or ""
+        in_memory = self.is_sqlite and (
+            not database or ":memory:" in database or self.engine.url.query.get("mode") == "memory"
+        )
         self.driver_reads = None if in_memory else DriverReads(self.engine)
 
     def create_schema(self) -> None:
