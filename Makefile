@@ -5,6 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= config/example.yaml
+# Cache compiled modules even where the environment says not to (PYTHONDONTWRITEBYTECODE, set on
+# the development machines): the tests start the engine and its CLI as processes a few hundred
+# times, and each compiled the project's modules again (tests/test_admin.py: 48 s, 38 s cached).
+export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: run test lint bench clean
 
@@ -43,3 +47,4 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	find medcourier tests bench -name __pycache__ -prune -exec rm -rf {} +
