@@ -33,6 +33,7 @@ import json
 import threading
 from typing import Any, cast
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from medcourier.engine.driver_errors import dialect_error
@@ -64,10 +65,10 @@ class DriverReads:
         proxied.detach()
         if self.engine.dialect.name == "postgresql":
             try:
-                conn.autocommit = True  # SQLite's connect event sets its own
+                conn.autocommit = True  # SQLite's connect event sets its own (no I/O here)
             except self.engine.dialect.loaded_dbapi.Error as exc:
                 self._close(conn)
-                raise self._error(conn, exc, "SET autocommit") from exc
+                raise dialect_error(self.engine.dialect, exc, "SET autocommit") from exc
         with self._lock:
             self._opened.append(conn)
             self._local.conn, self._local.closes = conn, self._closes
@@ -85,7 +86,7 @@ class DriverReads:
         except self.engine.dialect.loaded_dbapi.Error as exc:
             raise self._error(conn, exc, statement) from exc
 
-    def _error(self, conn: Any, exc: Exception, statement: str) -> Exception:
+    def _error(self, conn: Any, exc: Exception, statement: str) -> sa.exc.StatementError:
         """``exc`` as SQLAlchemy's error. A connection the server or the driver lost is closed
         (this thread connects again at its next read), and the pool's idle connections with it:
         after a server restart they are all dead, and the next read would take one. An error of
