@@ -10,7 +10,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -48,7 +47,7 @@ from tests.harness import (
     pdf_bytes,
     stored_document,
 )
-from tests.services import postgres_url
+from tests.services import own_postgres_database
 
 ROUTES = """
 routes:
@@ -88,19 +87,8 @@ def config(text: str = CONFIG) -> Config:
 @pytest.fixture
 def pg_database() -> Iterator[str]:
     """A database of its own: sizes and counts are this test's alone."""
-    base = postgres_url()
-    admin = sa.create_engine(
-        base.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
-    )
-    name = f"mcretention_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield base.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as c:
-            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with own_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -62,7 +62,7 @@ from tests.harness import (
     running_engine,
     stored_document,
 )
-from tests.services import postgres_url
+from tests.services import own_postgres_database
 
 MIB = 1024 * 1024
 LARGE = 12 * MIB + 7
@@ -133,19 +133,8 @@ def hl7apy_validates(message: bytes) -> None:
 def own_postgres() -> Iterator[str]:
     """A PostgreSQL database for this module alone, dropped after it: its documents, kept
     renderings and unfinished claims must not show in other modules' engines and counts."""
-    base = postgres_url()
-    admin = sa.create_engine(
-        base.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
-    )
-    name = f"mcstream_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield base.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as c:
-            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with own_postgres_database() as url:
+        yield url
 
 
 def store_url(request: pytest.FixtureRequest, database: str) -> str | None:
